@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""Capture benchmark of patch selection (thesis §4.2, Table 4.2) on GTSDB-style data.
+
+    python benchmarks/capture.py --data ../shared/data/gtsdb                 # mining job's default
+    python benchmarks/capture.py --data ../shared/data/gtsdb --variant hierarchical-filtered \
+        --saliency spectral-residual --limit 50
+    python benchmarks/capture.py --data ../shared/data/gtsdb --selector ltrp  # learned ranker
+    python benchmarks/capture.py --data ../shared/data/gtsdb --all           # table -> RESULTS.md
+
+``--data`` is a directory with ``images/`` and ``annotations.csv``
+(image,x0,y0,x1,y1,class_id[,class_name]; pixels, x1/y1 exclusive). An object counts as
+captured when one selected patch covers >= 50 % of it and it fills >= 5 % of that patch
+(:func:`mining.metrics.captured`). Prints a table (capture overall, per GTSDB category,
+class 24 "road narrows", patches/image, ms/image) and, as its LAST line, one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mining.metrics import captured  # noqa: E402
+from mining.selection import DEFAULT_PRESET, DEFAULT_SALIENCY, PRESETS, get_preset, select_patches_batch  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gtsdb"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+BEGIN, END = "<!-- capture:begin -->", "<!-- capture:end -->"
+
+# GTSDB-ReadMe.txt, section 3: the category of every class id.
+CATEGORIES = {
+    "prohibitory": {0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 15, 16},
+    "danger": {11, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31},
+    "mandatory": {33, 34, 35, 36, 37, 38, 39, 40},
+    "other": {6, 12, 13, 14, 17, 32, 41, 42},
+}
+ROAD_NARROWS = 24
+
+
+def category_of(class_id: int) -> str:
+    for name, ids in CATEGORIES.items():
+        if class_id in ids:
+            return name
+    return "other"
+
+
+def load_dataset(data: Path, limit: int | None = None, start: int = 0):
+    """List of (image path, (M,4) int boxes, (M,) class ids), images sorted by name."""
+    ann = defaultdict(list)
+    with open(data / "annotations.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            ann[row["image"]].append(
+                (int(row["x0"]), int(row["y0"]), int(row["x1"]), int(row["y1"]), int(row["class_id"]))
+            )
+    names = sorted(p.name for p in (data / "images").iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".ppm"})
+    names = names[start:]
+    if limit is not None:
+        names = names[:limit]
+    items = []
+    for n in names:
+        rows = ann.get(n, [])
+        boxes = np.array([r[:4] for r in rows], np.int64).reshape(-1, 4)
+        cls = np.array([r[4] for r in rows], np.int64)
+        items.append((data / "images" / n, boxes, cls))
+    return items
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    import cv2
+
+    im = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if im is None:
+        raise OSError(f"cannot read image {path}")
+    return cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
+
+
+def make_backend(selector: str, saliency: str | None):
+    from mining.saliency import get_backend
+    from mining.saliency.base import available_backends
+
+    if selector == "saliency":
+        return get_backend(saliency or DEFAULT_SALIENCY)
+    if selector not in available_backends():
+        raise SystemExit(
+            f"selector {selector!r} is not registered (mining.ranking did not register it); "
+            f"available backends: {available_backends()}"
+        )
+    return get_backend(selector)
+
+
+def run(items, config, backend, batch: int = 8) -> dict:
+    """Run selection on all items; return the metrics dict."""
+    n_obj = 0
+    hits = defaultdict(list)
+    n_patches = 0
+    elapsed = 0.0
+    per_image_hits = []
+    for s in range(0, len(items), batch):
+        chunk = items[s : s + batch]
+        images = [read_rgb(p) for p, _, _ in chunk]
+        t0 = time.perf_counter()
+        sels = select_patches_batch(images, config, backend)
+        elapsed += time.perf_counter() - t0
+        for (p, boxes, cls), sel in zip(chunk, sels):
+            n_patches += len(sel.boxes)
+            if len(boxes) == 0:
+                continue
+            c = captured(boxes, sel.boxes)
+            per_image_hits.append(c)
+            n_obj += len(boxes)
+            for ok, cid in zip(c, cls):
+                hits["all"].append(ok)
+                hits[category_of(int(cid))].append(ok)
+                if cid == ROAD_NARROWS:
+                    hits["road narrows (24)"].append(ok)
+    rate = {k: (float(np.mean(v)) if v else float("nan")) for k, v in hits.items()}
+    counts = {k: len(v) for k, v in hits.items()}
+    return {
+        "images": len(items),
+        "objects": n_obj,
+        "capture": rate.get("all", float("nan")),
+        "capture_by_category": {k: rate.get(k, float("nan")) for k in [*CATEGORIES, "road narrows (24)"]},
+        "objects_by_category": {k: counts.get(k, 0) for k in [*CATEGORIES, "road narrows (24)"]},
+        "patches_per_image": n_patches / max(len(items), 1),
+        "ms_per_image": 1000.0 * elapsed / max(len(items), 1),
+    }
+
+
+def fmt(x: float) -> str:
+    return "n/a" if x != x else f"{x:.3f}"
+
+
+def print_table(res: dict, title: str) -> None:
+    print(title)
+    print(f"{'group':<22}{'objects':>8}{'capture':>9}")
+    print(f"{'all':<22}{res['objects']:>8}{fmt(res['capture']):>9}")
+    for k, v in res["capture_by_category"].items():
+        print(f"{k:<22}{res['objects_by_category'][k]:>8}{fmt(v):>9}")
+    print(f"patches/image {res['patches_per_image']:.1f}   ms/image {res['ms_per_image']:.1f}   images {res['images']}")
+
+
+def weight_free_backends() -> list[str]:
+    from mining.saliency import get_backend
+    from mining.saliency.base import _REGISTRY, available_backends
+
+    names = []
+    for n in available_backends():
+        cls = _REGISTRY[n]
+        if getattr(cls, "weight_free", False) and not getattr(cls, "benchmark_skip", False):
+            names.append(n)
+    return names
+
+
+def write_results(section: str) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
+    if BEGIN in text and END in text:
+        a = text.index(BEGIN)
+        b = text.index(END) + len(END)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
+def run_all(data: Path, limit, start, presets, backends, split: int | None) -> str:
+    items = load_dataset(data, limit, start)
+    rows = []
+    for preset in presets:
+        cfg = get_preset(preset)
+        for bname in backends:
+            backend = make_backend("saliency", bname)
+            res = run(items, cfg, backend)
+            halves = None
+            if split:
+                a = run_items_subset(res, items, cfg, backend, split)
+                halves = a
+            rows.append((preset, bname, res, halves))
+            print(f"{preset:<32} {bname:<24} capture {fmt(res['capture'])} "
+                  f"patches/img {res['patches_per_image']:.1f} ms/img {res['ms_per_image']:.0f}", flush=True)
+            print(json.dumps({"variant": preset, "saliency": bname, **{k: res[k] for k in
+                  ('images', 'objects', 'capture', 'patches_per_image', 'ms_per_image')}}), flush=True)
+    return render(rows, data, len(items), start)
+
+
+def run_items_subset(res, items, cfg, backend, split):  # noqa: D401 - filled by run_all
+    first = run(items[:split], cfg, backend)
+    second = run(items[split:], cfg, backend)
+    return first["capture"], second["capture"]
+
+
+def render(rows, data: Path, n_images: int, start: int) -> str:
+    cats = [*CATEGORIES, "road narrows (24)"]
+    lines = [
+        "## Patch selection: capture (thesis §4.2, Table 4.2 form)",
+        "",
+        f"Data: `{os.path.relpath(data, ROOT)}` images {start:05d}..{start + n_images - 1:05d} "
+        f"({n_images} images, {rows[0][2]['objects'] if rows else 0} signs). "
+        "An object is captured when one patch covers >= 50 % of it and it fills >= 5 % of that patch. "
+        "ms/image = selection incl. saliency, 2 shared CPU cores.",
+        "",
+    ]
+    has_split = any(r[3] for r in rows)
+    head = "| model (patches/image) | saliency | all | " + " | ".join(cats) + " | ms/image |"
+    if has_split:
+        head = head[:-1] + " imgs 0-149 | imgs 150-299 |"
+    lines.append(head)
+    lines.append("|" + "---|" * (head.count("|") - 1))
+    for preset, bname, res, halves in rows:
+        cells = [f"{preset} ({res['patches_per_image']:.1f})", bname, f"**{fmt(res['capture'])}**"]
+        cells += [fmt(res["capture_by_category"][c]) for c in cats]
+        cells.append(f"{res['ms_per_image']:.0f}")
+        if has_split:
+            cells += [fmt(halves[0]), fmt(halves[1])] if halves else ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Objects per group: " + ", ".join(f"{c} {rows[0][2]['objects_by_category'][c]}" for c in cats) if rows else "")
+    lines.append("")
+    lines.append("Reproduce: `python benchmarks/capture.py --data ../shared/data/gtsdb --all`")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dir with images/ and annotations.csv")
+    ap.add_argument("--variant", default=None, help=f"selection preset (default: the mining job's, {DEFAULT_PRESET}); "
+                    f"one of {sorted(PRESETS)}")
+    ap.add_argument("--saliency", default=None, help=f"saliency backend for --selector saliency (default {DEFAULT_SALIENCY})")
+    ap.add_argument("--selector", default="saliency", choices=["saliency", "ltrp", "kpp"],
+                    help="saliency: use --saliency; ltrp/kpp: the learned rankers registered by mining.ranking")
+    ap.add_argument("--limit", type=int, default=None, help="use the first N images")
+    ap.add_argument("--start", type=int, default=0, help="skip the first N images (validation splits)")
+    ap.add_argument("--batch", type=int, default=8, help="images per select_patches_batch call")
+    ap.add_argument("--all", action="store_true", help="every preset x weight-free backend; write RESULTS.md")
+    ap.add_argument("--split", type=int, default=150, help="with --all: also report images [0, split) and [split, end)")
+    ap.add_argument("--no-write", action="store_true", help="with --all: do not write RESULTS.md")
+    args = ap.parse_args(argv)
+
+    if not (args.data / "annotations.csv").exists() or not (args.data / "images").is_dir():
+        print(f"SKIP: no dataset at {args.data} (needs images/ and annotations.csv; ../shared absent?)")
+        print(json.dumps({"skipped": True, "reason": f"no dataset at {args.data}"}))
+        return 0
+
+    if args.all:
+        section = run_all(args.data, args.limit, args.start, list(PRESETS), weight_free_backends(),
+                          args.split if args.split and args.limit is None and args.start == 0 else None)
+        print(section)
+        if not args.no_write:
+            write_results(section)
+            print(f"wrote {RESULTS}")
+        print(json.dumps({"all": True, "results": str(RESULTS)}))
+        return 0
+
+    variant = args.variant or DEFAULT_PRESET
+    try:
+        cfg = get_preset(variant)
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    backend = make_backend(args.selector, args.saliency)
+    sal_name = getattr(backend, "name", args.saliency)
+    items = load_dataset(args.data, args.limit, args.start)
+    res = run(items, cfg, backend, batch=args.batch)
+    print_table(res, f"variant {variant}  selector {args.selector}  saliency {sal_name}")
+    out = {"variant": variant, "selector": args.selector, "saliency": sal_name,
+           **{k: res[k] for k in ("images", "objects", "capture", "patches_per_image", "ms_per_image")},
+           "capture_by_category": res["capture_by_category"]}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

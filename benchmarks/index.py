@@ -1,0 +1,283 @@
+"""Index benchmark: recall@16 vs exact search, bytes/vector, ms/query (batch 1 and 64), build time.
+
+Usage::
+
+    python benchmarks/index.py --n 200000 --kind ivfpq-refine
+    python benchmarks/index.py --n 200000 --all            # side-by-side table -> benchmarks/RESULTS.md
+    python benchmarks/index.py --data /tmp/gtsdb_mined --all   # real mined embeddings (mining.store)
+
+Data: synthetic clustered unit vectors of dim 512 (:mod:`mining.index.synthetic`, a mixture of
+anisotropic clusters) or the embeddings of a mined dataset (``--data``).  Queries come from the same
+distribution but are not in the database (synthetic: other sample seed; ``--data``: a held-out
+random subset of the vectors, removed from the database).  ``--tune-queries`` of them tune
+nprobe/efSearch/k_factor to ``--recall-target`` (the same rule as the index build), the other
+``--queries`` measure recall.  Ground truth: exact inner-product top-16 over the same database.
+
+Each distinct index is built once: ``ivfpq`` and ``ivfpq-refine`` share one trained+filled
+IVF-PQ (the refine row re-ranks its candidates with the exact float16 vectors, memory-mapped from
+a file), ``hnsw`` (tuned efSearch) and the thesis' ``HNSW32`` row (faiss' default efSearch=16)
+share one graph, ``flat`` is the thesis' exhaustive index.  Timings are medians; batch-1 over
+``--timing-queries`` single calls, batch-64 over 5 repeats.  The last printed line is JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mining.index import core, sizing  # noqa: E402
+from mining.index.synthetic import ClusteredMixture  # noqa: E402
+
+K = 16
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+BEGIN, END = "<!-- index:begin -->", "<!-- index:end -->"
+
+
+def load_data(args):
+    if args.data:
+        from mining.store import embeddings_from_arrow, open_patches
+        t = open_patches(args.data).to_table(columns=["patch_id", "embedding"])
+        x = core.normalize(embeddings_from_arrow(t.column("embedding")), what="embeddings")
+        rng = np.random.default_rng(args.seed)
+        perm = rng.permutation(len(x))
+        nq = min(args.queries + args.tune_queries, max(2, len(x) // 10))
+        q, x = x[perm[:nq]], x[perm[nq:]]
+        if args.n:
+            x = x[: args.n]
+        return x, q, f"mined embeddings from {args.data}"
+    mix = ClusteredMixture(args.dim, seed=args.seed)
+    x = mix.sample(args.n, seed=args.seed + 1)
+    q = mix.sample(args.queries + args.tune_queries, seed=args.seed + 2)
+    return x, q, f"synthetic ClusteredMixture(dim={args.dim}, seed={args.seed})"
+
+
+class Row:
+    def __init__(self, name, kind, factory, index, search, build_s, nbytes, n, params=None, extra_bytes=0, note=""):
+        self.name, self.kind, self.factory, self.index = name, kind, factory, index
+        self.search, self.build_s, self.nbytes, self.n = search, build_s, nbytes, n
+        self.params, self.extra_bytes, self.note = params or {}, extra_bytes, note
+
+
+def index_bytes(index) -> int:
+    with tempfile.NamedTemporaryFile(suffix=".faiss") as f:
+        faiss.write_index(index, f.name)
+        return os.path.getsize(f.name)
+
+
+def faiss_search(index, params):
+    def fn(q, k, p=None):
+        core.set_params(index, {**params, **(p or {})})
+        return index.search(q, k)
+    return fn
+
+
+def measure(row: Row, qeval, gt, timing_queries: int):
+    s, ids = row.search(qeval, K, row.params)
+    recall = core.recall_at_k(ids, gt, K)
+    t1 = []
+    for i in range(min(timing_queries, len(qeval))):
+        t0 = time.perf_counter()
+        row.search(qeval[i:i + 1], K, row.params)
+        t1.append(time.perf_counter() - t0)
+    b = qeval[:64]
+    t64 = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        row.search(b, K, row.params)
+        t64.append((time.perf_counter() - t0) / len(b))
+    return {
+        "name": row.name, "kind": row.kind, "factory": row.factory, "n": row.n,
+        "recall_at_16": round(recall, 4),
+        "bytes_per_vector": round(row.nbytes / row.n, 1),
+        "extra_disk_bytes_per_vector": round(row.extra_bytes / row.n, 1),
+        "ms_per_query": round(1e3 * float(np.median(t1)), 3),
+        "ms_per_query_batch64": round(1e3 * float(np.median(t64)), 3),
+        "build_s": round(row.build_s, 1),
+        "params": row.params, "note": row.note,
+    }
+
+
+def build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
+    """Yield Row objects, building each distinct index once."""
+    n, d = x.shape
+    rng = np.random.default_rng(args.seed)
+    want = set(kinds)
+    if want & {"flat", "thesis-exhaustive"}:
+        with core.Timer() as t:
+            idx = faiss.index_factory(d, "IDMap,Flat", faiss.METRIC_INNER_PRODUCT)
+            core.add_vectors(idx, x, ids)
+        nb = index_bytes(idx)
+        if "flat" in want:
+            yield Row("flat (= thesis exhaustive)", "flat", "IDMap,Flat", idx, faiss_search(idx, {}), t.s, nb, n)
+        del idx
+        gc.collect()
+    if want & {"hnsw", "thesis-hnsw32"}:
+        plan = sizing.plan_index(n, d, "hnsw")
+        with core.Timer() as t:
+            idx = core.train_index(plan, x[:1])
+            core.add_vectors(idx, x, ids)
+        nb = index_bytes(idx)
+        if "hnsw" in want:
+            p, r = core.tune("hnsw", idx, lambda q, k, pp: faiss_search(idx, pp)(q, k)[1], qtune, gt_tune,
+                             k=K, recall_target=args.recall_target)
+            yield Row("hnsw (HNSW32, tuned efSearch)", "hnsw", plan.factory, idx, faiss_search(idx, {}), t.s, nb, n, p)
+        if "thesis-hnsw32" in want:
+            yield Row("thesis HNSW32 (efSearch=16)", "hnsw", plan.factory, idx, faiss_search(idx, {}), t.s, nb, n,
+                      {"efSearch": 16}, note="same graph as hnsw")
+        del idx
+        gc.collect()
+    if want & {"ivfpq", "ivfpq-refine"}:
+        plan = sizing.plan_index(n, d, "ivfpq-refine")
+        sel = rng.choice(n, plan.n_train, replace=False)
+        with core.Timer() as t_train:
+            idx = core.train_index(plan, x[np.sort(sel)], seed=args.seed)
+        with core.Timer() as t_add:
+            core.add_vectors(idx, x, ids)
+        build = t_train.s + t_add.s
+        nb = index_bytes(idx)
+        print(f"# {plan.factory}: train {t_train.s:.1f} s on {plan.n_train} vectors, add {t_add.s:.1f} s", flush=True)
+        if "ivfpq" in want:
+            p, r = core.tune("ivfpq", idx, lambda q, k, pp: faiss_search(idx, pp)(q, k)[1], qtune, gt_tune,
+                             k=K, recall_target=args.recall_target, nlist=plan.nlist)
+            yield Row("ivfpq", "ivfpq", plan.factory, idx, faiss_search(idx, {}), build, nb, n, p)
+        if "ivfpq-refine" in want:
+            # exact vectors as float16, memory-mapped from a file in patch_id order (as a published version)
+            order = np.argsort(ids)
+            sorted_ids = ids[order]
+            path = os.path.join(tmpdir, "vectors.f16")
+            mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
+            mm[:] = x[order]
+            mm.flush()
+            del mm
+            vec = np.load(path, mmap_mode="r")
+
+            def refine_search(q, k, pp):
+                pp = dict(pp)
+                kf = pp.pop("k_factor", sizing.DEFAULT_K_FACTOR)
+                core.set_params(idx, pp)
+                q = core.normalize(q, dim=d)
+                _, cand = idx.search(q, k * kf)
+                return core.rerank(q, cand, sorted_ids, vec, k)
+
+            p, r = core.tune("ivfpq-refine", idx, lambda q, k, pp: refine_search(q, k, pp)[1], qtune, gt_tune,
+                             k=K, recall_target=args.recall_target, nlist=plan.nlist)
+            yield Row("ivfpq-refine (exact re-rank, float16 mmap)", "ivfpq-refine", plan.factory + " + re-rank",
+                      idx, refine_search, build, nb, n, p, extra_bytes=os.path.getsize(path),
+                      note="shares the ivfpq index")
+        del idx
+        gc.collect()
+    if "sq8" in want:
+        plan = sizing.plan_index(n, d, "sq8")
+        with core.Timer() as t:
+            idx = core.train_index(plan, x[rng.choice(n, plan.n_train, replace=False)], seed=args.seed)
+            core.add_vectors(idx, x, ids)
+        yield Row("sq8", "sq8", plan.factory, idx, faiss_search(idx, {}), t.s, index_bytes(idx), n)
+        del idx
+        gc.collect()
+    if "thesis-opq-pq" in want:
+        # the thesis' "PQ64": OPQ to 128 dims then PQ64, exhaustive scan. OPQ training is slow on 2
+        # cores (NOTES: 353 s on 50k), so it trains on --opq-train vectors.
+        factory = "IDMap,OPQ64_128,PQ64"
+        nt = min(n, args.opq_train)
+        with core.Timer() as t:
+            idx = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+            idx.train(x[np.sort(rng.choice(n, nt, replace=False))])
+            core.add_vectors(idx, x, ids)
+        yield Row("thesis OPQ64_128,PQ64 (exhaustive)", "pq", factory, idx, faiss_search(idx, {}), t.s,
+                  index_bytes(idx), n, note=f"trained on {nt}")
+        del idx
+        gc.collect()
+
+
+def write_results(rows, meta):
+    lines = [
+        BEGIN,
+        "## Index (issue 6)",
+        "",
+        f"Data: {meta['data']}; N = {meta['n']:,} database vectors, {meta['queries']} evaluation queries "
+        f"(+{meta['tune_queries']} tuning queries), recall@16 against exact inner-product search on the same vectors. "
+        f"Machine: {meta['machine']}. Run: `{meta['command']}` ({meta['date']}).",
+        "",
+        "| index | factory | recall@16 | index B/vector | + disk B/vector | ms/query (batch 1) | ms/query (batch 64) | build s | params |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | `{r['factory']}` | {r['recall_at_16']:.3f} | {r['bytes_per_vector']:.0f} | "
+            f"{r['extra_disk_bytes_per_vector']:.0f} | {r['ms_per_query']:.3f} | {r['ms_per_query_batch64']:.3f} | "
+            f"{r['build_s']:.1f} | {json.dumps(r['params']) if r['params'] else '-'} {('; ' + r['note']) if r['note'] else ''} |"
+        )
+    lines += ["", meta.get("notes", ""), END]
+    block = "\n".join(lines)
+    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n\n"
+    if BEGIN in text and END in text:
+        pre, rest = text.split(BEGIN, 1)
+        post = rest.split(END, 1)[1]
+        text = pre + block + post
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = RESULTS + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, RESULTS)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=200_000, help="database vectors (synthetic; cap for --data)")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--kind", default="ivfpq-refine", choices=list(sizing.KINDS) + ["thesis-opq-pq", "thesis-hnsw32"])
+    ap.add_argument("--all", action="store_true", help="all kinds + the thesis' reference rows; writes RESULTS.md")
+    ap.add_argument("--no-write", action="store_true", help="with --all: do not touch RESULTS.md")
+    ap.add_argument("--data", default=None, help="mined dataset root (mining.store) instead of synthetic vectors")
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--tune-queries", type=int, default=100)
+    ap.add_argument("--timing-queries", type=int, default=100)
+    ap.add_argument("--recall-target", type=float, default=0.95)
+    ap.add_argument("--opq-train", type=int, default=20_000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    x, q, data_desc = load_data(args)
+    n, d = x.shape
+    ids = np.arange(n, dtype=np.int64) * 7 + 3  # non-contiguous ids, as patch ids are
+    qtune, qeval = q[: args.tune_queries], q[args.tune_queries:]
+    gt_tune = core.exact_topk(qtune, x, ids, K)[1]
+    gt_eval = core.exact_topk(qeval, x, ids, K)[1]
+    print(f"# data: {data_desc}; n={n} d={d}; data+ground truth {time.perf_counter() - t0:.1f} s", flush=True)
+
+    kinds = ["flat", "hnsw", "thesis-hnsw32", "ivfpq", "ivfpq-refine", "sq8", "thesis-opq-pq"] if args.all else [args.kind]
+    results = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for row in build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
+            res = measure(row, qeval, gt_eval, args.timing_queries)
+            results.append(res)
+            print(json.dumps(res), flush=True)
+    if args.all and not args.no_write:
+        write_results(results, {
+            "data": data_desc, "n": n, "queries": len(qeval), "tune_queries": len(qtune),
+            "machine": f"{os.cpu_count()} CPU cores shared with other jobs, faiss {faiss.__version__}, "
+                       f"{faiss.omp_get_max_threads()} OpenMP threads, no GPU",
+            "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        })
+    main_row = next((r for r in results if r["kind"] == "ivfpq-refine"), results[0])
+    print(json.dumps({k: main_row[k] for k in ("kind", "n", "recall_at_16", "bytes_per_vector", "ms_per_query", "build_s")}
+                     | {"ms_per_query_batch64": main_row["ms_per_query_batch64"],
+                        "rows": [{k: r[k] for k in ("name", "recall_at_16", "bytes_per_vector", "ms_per_query", "build_s")} for r in results]}
+                     if args.all else
+                     {k: main_row[k] for k in ("kind", "n", "recall_at_16", "bytes_per_vector", "ms_per_query", "build_s", "ms_per_query_batch64")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Mine patches from image shards into a Parquet patch dataset (the main job).
+
+    python -m jobs.mine --input <dir|glob|tar/parquet shards|s3://...> --output <root> [--address <ray>]
+
+Runs on the local Ray when no address is given; submittable unchanged with
+``ray job submit --working-dir . -- python -m jobs.mine ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs._common import add_clip_args, add_runtime_args, add_selection_args, mine_config, setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.mine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="shards: directory/prefix, glob, .tar/.parquet file(s), comma-separated")
+    p.add_argument("--output", required=True, help="dataset root (local directory or s3://bucket/prefix)")
+    p.add_argument("--date", default=None, help="ingest date partition YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
+    add_selection_args(p)
+    add_clip_args(p)
+    add_runtime_args(p)
+    args = p.parse_args(argv)
+    setup_logging()
+
+    from mining.embed import WeightsError
+    from mining.pipeline import format_summary, run_mining
+
+    cfg = mine_config(args)
+    try:
+        summary = run_mining(args.input, args.output, cfg, address=args.address, num_actors=args.actors,
+                             cpus_per_actor=args.cpus_per_actor, max_attempts=args.max_attempts,
+                             images_per_dir_shard=args.images_per_shard)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    if cfg.clip_random_init:
+        print("WARNING: CLIP weights were RANDOM (--clip-random-init): embeddings are not semantic")
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "actors"}))
+    return 0 if summary["shards_failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

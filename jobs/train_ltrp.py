@@ -1,0 +1,422 @@
+"""Train the LTRP ranking model (Luo et al., CVPR 2024, §3.2-3.3) as a Ray Train job.
+
+    python -m jobs.train_ltrp --data ../shared/data/gtsdb/images \\
+        --mae-checkpoint mae_visualize_vit_base.pth --storage-path /abs/runs --name ltrp-vits \\
+        --epochs 400 --batch-size 256 --num-workers 8
+
+Per step, for a batch of images on each worker:
+
+1. draw a random visible set per image at 90% masking (``--mask-ratio``), ``n = int(0.1 L)``;
+2. frozen MAE (ViT-B, pixel target, Tab. 1a/1i; official "visualize" checkpoint):
+   pseudo score of every visible patch = l1 distance between the reconstructions
+   with and without it, removal before the decoder (Eq. 2, Tab. 1g), all removals
+   in one batched forward;
+3. ranking model (ViT-S/16, ``--ranker-arch``) sees the visible tokens only
+   (sparse design, Tab. 1h) and is trained with ListMLE (Eq. 3, Tab. 1f).
+
+Checkpoints (every ``--checkpoint-every`` epochs and at the end) are Ray Train
+checkpoint directories holding ``ltrp.pth`` -- official ``irsLu/ltrp`` layout
+(``{"model": {"score_net.*"}}``) plus optimizer/scheduler/epoch/step -- and
+``losses.jsonl`` (the loss history). ``--resume auto`` continues from the newest
+checkpoint under ``<storage-path>/<name>``; ``--resume PATH`` from a given one.
+Loss logging: one JSON line per ``--log-every`` steps on stdout, the
+``losses.jsonl`` of each checkpoint, and (local storage) ``<storage-path>/<name>/loss_log.jsonl``.
+
+``--tiny-random-init``: CI / smoke-test configuration ONLY -- a random tiny MAE and
+ranker (arch ``tiny-test``); the pseudo labels of a random MAE are meaningless.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+CKPT_FILE = "ltrp.pth"
+LOSS_FILE = "losses.jsonl"
+META_FILE = "meta.json"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
+
+
+# --------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.train_ltrp", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, nargs="+",
+                   help="image directories, globs or files (local or s3://); every image is a training sample")
+    p.add_argument("--mae-checkpoint", default=None,
+                   help="official MAE visualize checkpoint (pixel target), e.g. mae_visualize_vit_base.pth")
+    p.add_argument("--mae-arch", default="mae_vit_base_patch16", help="MAE arch for --tiny-random-init/--random-mae")
+    p.add_argument("--ranker-arch", default="vit_small_patch16_224",
+                   choices=["vit_small_patch16_224", "vit_tiny_patch16_224", "tiny-test"])
+    p.add_argument("--ranker-init", default=None, help="start the ranker from this LTRP checkpoint (fine-tuning)")
+    p.add_argument("--tiny-random-init", action="store_true",
+                   help="CI/SMOKE ONLY: random tiny MAE + tiny ranker (arch tiny-test); labels are meaningless")
+    p.add_argument("--mask-ratio", type=float, default=0.9, help="LTRP §3.2 / Tab. 1b")
+    p.add_argument("--removal-phase", choices=["decoder", "encoder"], default="decoder", help="Tab. 1g")
+    p.add_argument("--list-mle-k", type=int, default=None, help="top-k ListMLE (default: full Eq. 3)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
+    p.add_argument("--batch-size", type=int, default=64, help="per worker")
+    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr; lr = blr * global_batch / 256")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--pseudo-chunk", type=int, default=None, help="max removal variants per MAE forward")
+    p.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per Ray worker")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (one per GPU)")
+    p.add_argument("--use-gpu", choices=["auto", "yes", "no"], default="auto",
+                   help="auto: GPUs when the Ray cluster has any")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--storage-path", default=os.path.abspath("runs/ltrp"), help="absolute path or s3:// URI")
+    p.add_argument("--name", default="ltrp", help="run name (subdirectory of --storage-path)")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=3)
+    p.add_argument("--resume", default="none", help="'auto', 'none', or a checkpoint directory / ltrp.pth path")
+    p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts (resume from last checkpoint)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between loss log lines")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    args = p.parse_args(argv)
+    if args.tiny_random_init:
+        args.mae_arch, args.ranker_arch = "tiny-test", "tiny-test"
+    elif not args.mae_checkpoint:
+        p.error("--mae-checkpoint is required (official MAE visualize checkpoint); "
+                "--tiny-random-init runs a random tiny smoke configuration instead")
+    if not 0.0 < args.mask_ratio < 1.0:
+        p.error("--mask-ratio must be in (0, 1)")
+    if "://" not in args.storage_path:
+        args.storage_path = os.path.abspath(args.storage_path)
+    return args
+
+
+# --------------------------------------------------------------------------- data
+def list_images(sources: list[str]) -> list[str]:
+    """Expand directories / globs / files (local or fsspec URIs) into a sorted list of image URIs.
+
+    Raises:
+        FileNotFoundError: nothing matched.
+    """
+    from mining.fs import get_fs, to_uri
+
+    out: list[str] = []
+    for src in sources:
+        fs, path = get_fs(src)
+        if any(c in path for c in "*?["):
+            hits = fs.glob(path)
+        elif fs.isdir(path):
+            hits = [h for h in fs.find(path)]
+        else:
+            hits = [path]
+        out += [to_uri(fs, h) for h in hits if h.lower().endswith(IMAGE_EXTS)]
+    out = sorted(set(out))
+    if not out:
+        raise FileNotFoundError(f"no images found in {sources}")
+    return out
+
+
+class ImageDataset:
+    """Images -> ``(3, S, S)`` float32 ImageNet-normalised tensors (MAE pre-training augmentation:
+    RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip)."""
+
+    def __init__(self, uris: list[str], img_size: int, train: bool = True):
+        self.uris, self.img_size, self.train = list(uris), int(img_size), train
+        self._tf = None
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def _transform(self):
+        if self._tf is None:
+            from torchvision import transforms as T
+
+            from mining.ranking.mae import IMAGENET_MEAN, IMAGENET_STD
+
+            aug = ([T.RandomResizedCrop(self.img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                    T.RandomHorizontalFlip()] if self.train else
+                   [T.Resize((self.img_size, self.img_size), interpolation=T.InterpolationMode.BICUBIC)])
+            self._tf = T.Compose(aug + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        return self._tf
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        from mining.fs import get_fs
+
+        fs, path = get_fs(self.uris[i])
+        with fs.open(path, "rb") as f:
+            im = Image.open(f).convert("RGB")
+        return self._transform()(im)
+
+
+# --------------------------------------------------------------------------- one step
+def ltrp_step(ranker, mae, optimizer, imgs, mask_ratio: float = 0.9, phase: str = "decoder",
+              top_k: int | None = None, generator=None, ids_keep=None, chunk: int | None = None) -> float:
+    """One LTRP training step (§3.2-3.3). Returns the ListMLE loss (float, nats per list).
+
+    Args:
+        ranker: :class:`~mining.ranking.ltrp.PatchRanker` (or its DDP wrapper), train mode.
+        mae: frozen :class:`~mining.ranking.mae.MaskedAutoencoder`.
+        optimizer: over the ranker's parameters; ``None`` = just compute the loss.
+        imgs: ``(B, 3, S, S)`` float32 normalised images on the device.
+        ids_keep: fixed ``(B, n)`` visible ids (tests); default random at ``mask_ratio``.
+    """
+    import torch
+
+    from mining.ranking.losses import list_mle
+    from mining.ranking.mae import random_visible
+    from mining.ranking.pseudo import pseudo_scores
+
+    b = imgs.shape[0]
+    n_patches = mae.num_patches
+    if ids_keep is None:
+        n_keep = max(2, int(n_patches * (1.0 - mask_ratio)))
+        ids_keep = random_visible(b, n_patches, n_keep, imgs.device, generator)
+    y = pseudo_scores(mae, imgs, ids_keep, phase=phase, chunk=chunk)
+    with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16, enabled=imgs.device.type == "cuda"):
+        s = ranker(imgs, ids_keep)
+    loss = list_mle(s.float(), y, top_k=top_k)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
+# --------------------------------------------------------------------------- Ray worker
+def _load_resume_state(config: dict):
+    """Training state dict from Ray's own checkpoint (worker restart) or ``config['resume_from']``."""
+    import ray.train
+    import torch
+
+    ckpt = ray.train.get_checkpoint()
+    src = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)
+            losses = _read_lines(os.path.join(d, LOSS_FILE))
+        return state, losses, ckpt.path
+    src = config.get("resume_from")
+    if not src:
+        return None, [], None
+    path = src if src.endswith(".pth") else os.path.join(src, CKPT_FILE)
+    from mining.fs import get_fs
+
+    fs, p = get_fs(path)
+    with fs.open(p, "rb") as f:
+        state = torch.load(f, map_location="cpu", weights_only=False)
+    loss_path = os.path.join(os.path.dirname(p), LOSS_FILE)
+    losses = []
+    if fs.exists(loss_path):
+        with fs.open(loss_path, "r") as f:
+            losses = [json.loads(line) for line in f if line.strip()]
+    return state, losses, src
+
+
+def _read_lines(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: builds models, trains, reports metrics and checkpoints (rank 0 writes them)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from mining.ranking.ltrp import build_ranker, load_ranker, ranker_checkpoint
+    from mining.ranking.mae import build_mae
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"] + rank)
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
+
+    mae = build_mae(config["mae_arch"], checkpoint=config.get("mae_checkpoint"),
+                    random_init=config["tiny_random_init"], img_size=config["img_size"]).to(device)
+    if config.get("ranker_init"):
+        ranker = load_ranker(config["ranker_init"])
+    else:
+        ranker = build_ranker(config["ranker_arch"], random_init=True, img_size=config["img_size"])
+    if ranker.num_patches != mae.num_patches:
+        raise ValueError(f"ranker grid ({ranker.num_patches}) != MAE grid ({mae.num_patches})")
+    ranker.train()
+    core = ranker
+    ranker = ray.train.torch.prepare_model(ranker)  # device + DDP when world > 1
+
+    ds = ImageDataset(config["images"], config["img_size"], train=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=config["batch_size"], shuffle=True, drop_last=len(ds) >=
+                                         config["batch_size"] * world, num_workers=config["loader_workers"],
+                                         persistent_workers=False)
+    loader = ray.train.torch.prepare_data_loader(loader)
+    steps_per_epoch = len(loader)
+    if config.get("max_steps_per_epoch"):
+        steps_per_epoch = min(steps_per_epoch, int(config["max_steps_per_epoch"]))
+    total_steps = max(1, steps_per_epoch * config["epochs"])
+    warmup = int(config["warmup_epochs"] * steps_per_epoch)
+
+    lr = config["lr"] or config["blr"] * config["batch_size"] * world / 256.0
+    params = [p for p in core.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=config["weight_decay"])
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        t = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+    start_epoch, step = 0, 0
+    state, history, resumed_from = _load_resume_state(config)
+    if state is not None:
+        core.vit.load_state_dict({k[len("score_net."):]: v for k, v in state["model"].items()
+                                  if k.startswith("score_net.")})
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        if rank == 0:
+            print(json.dumps({"event": "resumed", "from": str(resumed_from), "epoch": start_epoch, "step": step}),
+                  flush=True)
+
+    log_path = config.get("loss_log")
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    for epoch in range(start_epoch, config["epochs"]):
+        gen.manual_seed(config["seed"] * 100003 + epoch * 101 + rank)
+        if world > 1 and hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        t0, ep_losses = time.time(), []
+        for i, imgs in enumerate(loader):
+            if i >= steps_per_epoch:
+                break
+            imgs = imgs.to(device, non_blocking=True)
+            loss = ltrp_step(ranker, mae, opt, imgs, config["mask_ratio"], config["removal_phase"],
+                             config.get("list_mle_k"), generator=gen, chunk=config.get("pseudo_chunk"))
+            sched.step()
+            step += 1
+            ep_losses.append(loss)
+            rec = {"epoch": epoch, "step": step, "loss": loss, "lr": opt.param_groups[0]["lr"],
+                   "images_per_s": round(len(ep_losses) * imgs.shape[0] * world / max(1e-9, time.time() - t0), 2)}
+            history.append(rec)
+            if rank == 0 and (step % config["log_every"] == 0 or i == 0):
+                print(json.dumps(rec), flush=True)
+                if log_path:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+        metrics = {"epoch": epoch, "step": step, "loss": float(sum(ep_losses) / max(1, len(ep_losses))),
+                   "epoch_s": round(time.time() - t0, 3)}
+        last = epoch == config["epochs"] - 1
+        if (epoch + 1) % config["checkpoint_every"] == 0 or last:
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:
+                    torch.save(ranker_checkpoint(core, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                                 epoch=epoch, step=step, args=_plain(config)),
+                               os.path.join(tmp, CKPT_FILE))
+                    with open(os.path.join(tmp, LOSS_FILE), "w") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in history)
+                    with open(os.path.join(tmp, META_FILE), "w") as f:
+                        json.dump({"epoch": epoch, "step": step, "loss": metrics["loss"]}, f)
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=checkpoint)
+        else:
+            ray.train.report(metrics)
+
+
+def _plain(config: dict) -> dict:
+    return {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+# --------------------------------------------------------------------------- driver
+def find_latest_checkpoint(storage_path: str, name: str) -> str | None:
+    """Newest (largest step) checkpoint directory with an ``ltrp.pth`` under ``storage_path/name``."""
+    from mining.fs import get_fs, join, to_uri
+
+    fs, root = get_fs(join(storage_path, name))
+    if not fs.exists(root):
+        return None
+    best, best_step = None, -1
+    for meta in fs.glob(root + "/checkpoint_*/" + META_FILE):
+        with fs.open(meta, "r") as f:
+            st = int(json.load(f).get("step", -1))
+        d = os.path.dirname(meta)
+        if st > best_step and fs.exists(d + "/" + CKPT_FILE):
+            best, best_step = to_uri(fs, d), st
+    return best
+
+
+def _ray_init(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        # a local cluster started by this job: no token auth and no ~/.ray/auth_token unless asked for
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(include_dashboard=False)
+    else:
+        ray.init(address=address)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the job; returns ``{"checkpoint": path, "metrics": {...}}`` of the final result."""
+    args = parse_args(argv)
+    images = list_images(args.data)
+    _ray_init(args.address)
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = {"yes": True, "no": False}.get(args.use_gpu)
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    resume_from = None
+    if args.resume == "auto":
+        resume_from = find_latest_checkpoint(args.storage_path, args.name)
+    elif args.resume not in ("none", "", None):
+        resume_from = args.resume
+    loss_log = None
+    if "://" not in args.storage_path:
+        os.makedirs(os.path.join(args.storage_path, args.name), exist_ok=True)
+        loss_log = os.path.join(args.storage_path, args.name, "loss_log.jsonl")
+    config = {k: getattr(args, k) for k in (
+        "mae_checkpoint", "mae_arch", "ranker_arch", "ranker_init", "tiny_random_init", "mask_ratio",
+        "removal_phase", "list_mle_k", "img_size", "epochs", "max_steps_per_epoch", "batch_size", "blr", "lr",
+        "weight_decay", "warmup_epochs", "pseudo_chunk", "loader_workers", "checkpoint_every", "log_every", "seed",
+        "cpus_per_worker")}
+    config.update(images=images, resume_from=resume_from, loss_log=loss_log)
+    print(json.dumps({"event": "start", "images": len(images), "use_gpu": use_gpu, "workers": args.num_workers,
+                      "resume_from": resume_from, "tiny_random_init": args.tiny_random_init}), flush=True)
+    if args.tiny_random_init:
+        print("WARNING: --tiny-random-init: random tiny MAE and ranker, for smoke tests only; "
+              "the resulting ranker is meaningless", file=sys.stderr, flush=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": 1} if use_gpu
+                                                                                            else {})}),
+        run_config=RunConfig(name=args.name, storage_path=args.storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=args.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=args.max_failures)),
+    )
+    result = trainer.fit()
+    out = {"checkpoint": result.checkpoint.path if result.checkpoint else None,
+           "metrics": dict(result.metrics or {})}
+    print(json.dumps({"event": "done", **out}, default=str), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Array-level index operations: train, add, merge, exact ground truth, re-rank, tune, quantisation error.
+
+Everything here works on numpy arrays and FAISS objects only (no store, no Ray), so the
+benchmark and the store-level build share the same code.  Vectors are float32, L2-normalised,
+shape (n, d); ids are int64 patch ids; similarities are inner products (= cosine).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import faiss
+import numpy as np
+
+from mining.index.sizing import DEFAULT_K_FACTOR, IVF_KINDS, IndexPlan
+
+log = logging.getLogger(__name__)
+
+MISSING_SCORE = -np.inf  # score returned with patch_id -1 ("no result")
+
+
+# --------------------------------------------------------------------------- vectors
+
+def normalize(x: np.ndarray, *, dim: int | None = None, what: str = "queries") -> np.ndarray:
+    """Validate and L2-normalise a (n, d) batch; returns a new C-contiguous float32 array.
+
+    A 1-D array of length ``dim`` is taken as one vector.
+    Raises:
+        ValueError: empty input, not 1-D/2-D, wrong dimension, non-finite values or a zero vector.
+    """
+    x = np.asarray(x)
+    if x.ndim == 1 and (dim is None or x.shape[0] == dim) and x.size:
+        x = x.reshape(1, -1)
+    if x.ndim != 2:
+        raise ValueError(f"{what} must be a (n, d) array, got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{what} is empty (shape {x.shape}); pass at least one vector")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{what} have dimension {x.shape[1]} but the index has dimension {dim}")
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} contain NaN or inf")
+    norms = np.linalg.norm(x, axis=1)
+    if (norms == 0).any():
+        raise ValueError(f"{what} contain {int((norms == 0).sum())} all-zero vector(s); cannot normalise")
+    x /= norms[:, None]
+    return x
+
+
+# --------------------------------------------------------------------------- build
+
+def use_gpu() -> bool:
+    """True when this faiss build sees a GPU (``faiss.get_num_gpus() > 0``); decided at run time."""
+    try:
+        return faiss.get_num_gpus() > 0
+    except AttributeError:  # faiss-cpu builds without the symbol
+        return False
+
+
+def new_index(plan: IndexPlan) -> faiss.Index:
+    """An empty, untrained FAISS index for ``plan`` (inner-product metric)."""
+    index = faiss.index_factory(plan.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if plan.kind in IVF_KINDS:
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.spherical = True  # centroids on the unit sphere: inner-product k-means
+    return index
+
+
+def _seed(index: faiss.Index, seed: int) -> None:
+    """Make k-means / PQ / OPQ training deterministic for ``seed``."""
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            vt = faiss.downcast_VectorTransform(index.chain.at(i))
+            if isinstance(vt, faiss.OPQMatrix):
+                vt.verbose = False
+        index = faiss.downcast_index(index.index)
+    if isinstance(index, faiss.IndexIVF):
+        index.cp.seed = seed
+        if isinstance(index, faiss.IndexIVFPQ):
+            index.pq.cp.seed = seed + 1
+
+
+def train_index(plan: IndexPlan, xtrain: np.ndarray, *, seed: int = 0, gpu: bool | None = None) -> faiss.Index:
+    """Train an empty index for ``plan`` on ``xtrain`` ((n_train, d) float32, normalised).
+
+    On a machine where faiss sees GPUs (``gpu=None`` -> :func:`use_gpu`) the IVF/PQ part is
+    trained on GPU 0 via ``index_cpu_to_gpu`` (PQ codes with ``useFloat16=True``; OPQ stays on
+    the CPU, see ../shared/NOTES.md) and copied back with ``index_gpu_to_cpu``; if that fails
+    the k-means assignment alone runs on the GPUs (``clustering_index``).  Flat and HNSW need no
+    training and are returned empty.
+    Returns: a trained, empty CPU index.  Raises: ValueError on a dimension mismatch.
+    """
+    index = new_index(plan)
+    if xtrain.shape[1] != plan.dim:
+        raise ValueError(f"training vectors have dim {xtrain.shape[1]}, plan has {plan.dim}")
+    if index.is_trained:
+        return index
+    _seed(index, seed)
+    xtrain = np.ascontiguousarray(xtrain, dtype=np.float32)
+    gpu = use_gpu() if gpu is None else gpu
+    if gpu and plan.kind in IVF_KINDS:
+        try:
+            res = faiss.StandardGpuResources()
+            co = faiss.GpuClonerOptions()
+            co.useFloat16 = True  # PQ64 lookup tables need float16 in GPU shared memory
+            gindex = faiss.index_cpu_to_gpu(res, 0, index, co)
+            gindex.train(xtrain)
+            return faiss.index_gpu_to_cpu(gindex)
+        except Exception as e:  # pragma: no cover - needs a GPU
+            log.warning("GPU training of %s failed (%s); training k-means on GPU only", plan.factory, e)
+            index = new_index(plan)
+            _seed(index, seed)
+            ivf = faiss.extract_index_ivf(index)
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+    index.train(xtrain)
+    if plan.kind in IVF_KINDS:
+        faiss.extract_index_ivf(index).clustering_index = None
+    return index
+
+
+def add_vectors(index: faiss.Index, x: np.ndarray, ids: np.ndarray, *, chunk: int = 65_536) -> None:
+    """``add_with_ids`` in chunks (x: (n, d) float32 normalised; ids: (n,) int64 patch ids)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    for s in range(0, len(ids), chunk):
+        index.add_with_ids(np.ascontiguousarray(x[s:s + chunk], dtype=np.float32), ids[s:s + chunk])
+
+
+def merge_indexes(dst: faiss.Index, src: faiss.Index) -> None:
+    """Move all vectors of ``src`` into ``dst`` (same trained state). ``src`` is emptied.
+
+    IVF kinds use ``faiss.merge_into`` (inverted lists appended, ids kept); IndexIDMap over
+    Flat/SQ8 uses ``merge_from``. HNSW graphs cannot be merged: raises TypeError.
+    """
+    if isinstance(faiss.downcast_index(dst), faiss.IndexIDMap):
+        inner = faiss.downcast_index(faiss.downcast_index(dst).index)
+        if isinstance(inner, faiss.IndexHNSW):
+            raise TypeError("HNSW graphs cannot be merged; add the vectors to one graph instead")
+        dst.merge_from(src, 0)
+        return
+    faiss.merge_into(dst, src, False)
+
+
+def serialize(index: faiss.Index) -> np.ndarray:
+    """Index -> uint8 array (for Ray object store / bytes)."""
+    return faiss.serialize_index(index)
+
+
+def deserialize(buf: np.ndarray) -> faiss.Index:
+    """uint8 array -> index."""
+    return faiss.deserialize_index(np.asarray(buf, dtype=np.uint8))
+
+
+# --------------------------------------------------------------------------- exact search
+
+def exact_topk(queries: np.ndarray, x: np.ndarray, ids: np.ndarray, k: int, *, chunk: int = 131_072):
+    """Exact top-k inner products of queries (Q, d) against x (n, d) with ids (n,).
+
+    Returns (scores (Q, k) float32, ids (Q, k) int64), padded with (-inf, -1) when n < k.
+    Streams x in chunks so memory is O(Q * chunk).
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(q), k), MISSING_SCORE, np.float32)
+    best_i = np.full((len(q), k), -1, np.int64)
+    for s in range(0, len(x), chunk):
+        xs = np.asarray(x[s:s + chunk], dtype=np.float32)
+        sc = q @ xs.T
+        best_s, best_i = merge_topk(best_s, best_i, sc, np.broadcast_to(np.asarray(ids[s:s + chunk], np.int64), sc.shape), k)
+    return best_s, best_i
+
+
+def merge_topk(s1, i1, s2, i2, k: int):
+    """Merge two (Q, *) candidate sets into the top-k by score (descending)."""
+    s = np.concatenate([s1, s2], axis=1)
+    i = np.concatenate([i1, i2], axis=1)
+    if s.shape[1] > k:
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        s = np.take_along_axis(s, part, 1)
+        i = np.take_along_axis(i, part, 1)
+    order = np.argsort(-s, axis=1, kind="stable")
+    return np.take_along_axis(s, order, 1).astype(np.float32), np.take_along_axis(i, order, 1)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean |found[:, :k] ∩ truth[:, :k]| / |truth[:, :k] valid| over queries (ids; -1 ignored)."""
+    r = []
+    for f, t in zip(found[:, :k], truth[:, :k]):
+        t = set(t[t >= 0].tolist())
+        if t:
+            r.append(len(t & set(f.tolist())) / len(t))
+    return float(np.mean(r)) if r else 1.0
+
+
+# --------------------------------------------------------------------------- re-rank
+
+def rerank(queries: np.ndarray, cand_ids: np.ndarray, sorted_ids: np.ndarray, vectors: np.ndarray, k: int):
+    """Exact re-rank of candidates: the "refine" step of ``ivfpq-refine``.
+
+    Args:
+        queries: (Q, d) float32 normalised. cand_ids: (Q, C) int64 candidate patch ids (-1 = none).
+        sorted_ids: (N,) int64 ascending patch ids; vectors: (N, d) float16/float32 exact
+            vectors aligned with ``sorted_ids`` (a memory map: only the touched rows are read).
+    Returns:
+        (scores (Q, k) float32, ids (Q, k) int64), missing = (-inf, -1).
+    """
+    Q, C = cand_ids.shape
+    rows = np.searchsorted(sorted_ids, cand_ids)
+    rows = np.minimum(rows, len(sorted_ids) - 1)
+    valid = (cand_ids >= 0) & (sorted_ids[rows] == cand_ids)
+    flat_rows = rows.reshape(-1)
+    order = np.argsort(flat_rows, kind="stable")  # sequential page access on the memory map
+    gathered = np.empty((flat_rows.size, vectors.shape[1]), np.float32)
+    gathered[order] = vectors[flat_rows[order]]
+    g = gathered.reshape(Q, C, -1)
+    g /= np.maximum(np.linalg.norm(g, axis=2, keepdims=True), 1e-12)  # float16 storage: re-normalise
+    sc = np.einsum("qcd,qd->qc", g, queries).astype(np.float32)
+    sc[~valid] = MISSING_SCORE
+    ids = np.where(valid, cand_ids, -1)
+    kk = min(k, C)
+    part = np.argpartition(-sc, kk - 1, axis=1)[:, :kk]
+    s = np.take_along_axis(sc, part, 1)
+    i = np.take_along_axis(ids, part, 1)
+    o = np.argsort(-s, axis=1, kind="stable")
+    s, i = np.take_along_axis(s, o, 1), np.take_along_axis(i, o, 1)
+    if kk < k:
+        s = np.pad(s, ((0, 0), (0, k - kk)), constant_values=MISSING_SCORE)
+        i = np.pad(i, ((0, 0), (0, k - kk)), constant_values=-1)
+    i[~np.isfinite(s)] = -1
+    return s, i
+
+
+# --------------------------------------------------------------------------- parameters
+
+def set_params(index: faiss.Index, params: dict) -> None:
+    """Apply search parameters ({"nprobe": int} / {"efSearch": int}; "k_factor" is ours) to ``index``.
+
+    Uses ``faiss.ParameterSpace`` which reaches through IndexPreTransform/IDMap wrappers.
+    """
+    ps = faiss.ParameterSpace()
+    for name in ("nprobe", "efSearch"):
+        if name in params:
+            ps.set_index_parameter(index, name, float(params[name]))
+
+
+def tune(
+    kind: str,
+    index: faiss.Index,
+    search_fn: Callable[[np.ndarray, int, dict], np.ndarray],
+    queries: np.ndarray,
+    truth: np.ndarray,
+    *,
+    k: int = 16,
+    recall_target: float = 0.95,
+    nlist: int = 0,
+) -> tuple[dict, float]:
+    """Smallest search parameters reaching ``recall_target`` (recall@k against ``truth`` ids).
+
+    ``search_fn(queries, k, params) -> ids (Q, k)`` runs the real search path (with re-rank).
+    IVF: nprobe over powers of two up to nlist (ivfpq-refine: for each nprobe, k_factor in 4, 8, 16,
+    cheapest first). HNSW: efSearch over 16..1024. Flat/SQ8: nothing to tune.
+    When the target is not reachable, returns the parameters with the best recall, smallest first
+    (recall within 0.002 of the best).
+    Returns: (params, measured recall).
+    """
+    if kind in ("flat", "sq8"):
+        return {}, recall_at_k(search_fn(queries, k, {}), truth, k)
+    if kind == "hnsw":
+        grid = [{"efSearch": e} for e in (16, 32, 64, 128, 256, 512, 1024) if e >= k]
+    else:
+        nprobes = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if p < nlist] + [nlist]
+        kfs = (4, DEFAULT_K_FACTOR, 16) if kind == "ivfpq-refine" else (None,)
+        grid = [{"nprobe": p, **({"k_factor": kf} if kf else {})} for p in nprobes for kf in kfs]
+    tried = []
+    best = 0.0
+    for params in grid:
+        r = recall_at_k(search_fn(queries, k, params), truth, k)
+        tried.append((params, r))
+        best = max(best, r)
+        log.info("tune %s %s recall@%d=%.4f", kind, params, k, r)
+        if r >= recall_target:
+            return params, r
+        if best >= 0.999:
+            break
+    for params, r in tried:
+        if r >= best - 0.002:
+            return params, r
+    return tried[-1]
+
+
+# --------------------------------------------------------------------------- quantisation error
+
+def quantization_error(index: faiss.Index, x: np.ndarray) -> float:
+    """Mean squared reconstruction error ||x - decode(encode(x))||^2 of normalised x (n, d).
+
+    Uses the standalone codec (``sa_encode``/``sa_decode``) of the trained index, so the OPQ
+    rotation + dimension reduction, IVF residual and PQ are all included. Flat and HNSW store
+    exact vectors: 0.0. Unitless (vectors have norm 1, so 0 = exact, ~1 = no information).
+    """
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexIDMap):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, (faiss.IndexFlat, faiss.IndexHNSW)) or len(x) == 0:
+        return 0.0
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    codes = inner.sa_encode(x)
+    rec = inner.sa_decode(codes)
+    return float(((x - rec) ** 2).sum(1).mean())
+
+
+class Timer:
+    """``with Timer() as t: ...; t.s`` -> elapsed seconds."""
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *a):
+        self.s = time.perf_counter() - self.t0

@@ -1,0 +1,230 @@
+"""Sizing rules of the patch index: which kind, which FAISS factory string, how many training points.
+
+Every number that decides the shape of an index is written down here, with its reason,
+so that a build is reproducible from ``(N, D, kind, memory budget)`` alone.
+
+Rules (sources: FAISS wiki "Guidelines to choose an index", ``faiss/Clustering.h``,
+``faiss/VectorTransform.cpp`` (OPQMatrix), ../shared/NOTES.md "FAISS"):
+
+* ``nlist`` (IVF cells) is about ``4 * sqrt(N)``, rounded to the nearest power of two
+  (:func:`choose_nlist`), then halved until the training sample gives at least
+  :data:`MIN_POINTS_PER_CENTROID` (39, k-means warns below that) points per centroid.
+* The training sample is ``TRAIN_POINTS_PER_CENTROID`` (50) points per IVF centroid, but at
+  least :data:`PQ_MIN_TRAIN` (256 * 39 = 9984, what one 8-bit PQ sub-quantizer needs) and at
+  most ``256 * nlist`` (k-means subsamples above that anyway) and of course at most N.
+* PQ with ``M`` sub-quantizers of ``nbits`` bits: ``nbits = 8`` when the sample has
+  ``>= 39 * 256`` points, else ``floor(log2(n_train / 39))`` (>= 1).  ``M`` is the largest of
+  64, 32, 16, 8, 4 that is ``<= D / 2`` and whose code (``M * nbits / 8`` bytes + 8 bytes of id
+  in the inverted list) fits the per-vector memory budget.
+* OPQ (a learned rotation before PQ) is used only when the sample has ``>= PQ_MIN_TRAIN``
+  points (its inner PQ is always 8-bit); its output dimension is ``min(D, 4 * M)``
+  rounded down to a multiple of ``M`` (so it divides evenly by the PQ size): ``OPQ64_256`` for
+  D = 512.  The thesis used ``OPQ64_128,PQ64`` (2 dims per sub-quantizer), which lost most of
+  the precision (Table 4.4); 4 dims per sub-quantizer plus exact re-ranking is our default.
+* ``kind="auto"``: ``N <= AUTO_FLAT_MAX_N`` (50 000, i.e. the vertical slice of 3-300 images)
+  -> ``flat`` (exact, nothing to train) if it fits the budget, else ``sq8`` if it fits, else
+  ``ivfpq``; larger N -> ``ivfpq-refine`` with the largest ``M`` that fits the budget.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+KINDS = ("flat", "hnsw", "ivfpq", "ivfpq-refine", "sq8")
+IVF_KINDS = ("ivfpq", "ivfpq-refine")
+
+MIN_POINTS_PER_CENTROID = 39  # faiss/Clustering.h warns below this
+MAX_POINTS_PER_CENTROID = 256  # faiss/Clustering.h subsamples above this
+TRAIN_POINTS_PER_CENTROID = 50  # our choice: a little above the minimum, k-means cost is linear in it
+PQ_MIN_TRAIN = 256 * MIN_POINTS_PER_CENTROID  # 9984: one 8-bit PQ codebook of 256 centroids
+AUTO_FLAT_MAX_N = 50_000  # below this, exact search is fast enough (~ms) and needs no training
+HNSW_M = 32  # the thesis' HNSW32
+ID_BYTES = 8  # int64 id stored per vector (inverted lists / IndexIDMap)
+DEFAULT_K_FACTOR = 8  # ivfpq-refine: re-rank k * k_factor PQ candidates with exact vectors
+MEMORY_SLACK = 1.10  # 10 % for lists, centroids, codebooks, Python
+
+
+@dataclass
+class IndexPlan:
+    """The shape of an index, decided by :func:`plan_index` (all sizes in bytes)."""
+
+    kind: str
+    dim: int
+    n: int
+    factory: str
+    n_train: int = 0
+    nlist: int = 0
+    pq_m: int = 0
+    pq_nbits: int = 0
+    opq_dout: int = 0
+    refine: str | None = None  # "store": exact re-rank from the exact-vector file
+    bytes_per_vector: float = 0.0  # estimated resident bytes per vector
+    rules: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_bytes(text: str | int | float | None) -> int | None:
+    """'8GiB' / '500MB' / '1e9' / 123 -> bytes (int). None/'' -> None.
+
+    Raises:
+        ValueError: unparsable text.
+    """
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.I)
+    if not m:
+        raise ValueError(f"cannot parse a memory size from {text!r} (use e.g. 8GiB, 500MB, 1e9)")
+    value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    base = 1024 if binary else 1000
+    return int(value * base ** " KMGT".index(unit or " "))
+
+
+def _pow2_round(x: float) -> int:
+    """Nearest power of two to ``x`` in log space (x >= 1)."""
+    return 1 << max(0, int(round(math.log2(max(1.0, x)))))
+
+
+def choose_nlist(n: int) -> int:
+    """IVF cells for ``n`` vectors: ~4*sqrt(n) as a power of two, with >= 39 points per centroid.
+
+    >>> choose_nlist(1_000_000), choose_nlist(200_000), choose_nlist(3000)
+    (4096, 2048, 64)
+    """
+    if n < 1:
+        raise ValueError(f"need at least one vector, got n={n}")
+    nlist = _pow2_round(4 * math.sqrt(n))
+    while nlist > 1 and nlist * MIN_POINTS_PER_CENTROID > n:
+        nlist //= 2
+    return nlist
+
+
+def choose_n_train(n: int, nlist: int) -> int:
+    """Training sample size: 50 points per centroid, >= 9984 (8-bit PQ), <= 256 per centroid, <= n."""
+    want = max(TRAIN_POINTS_PER_CENTROID * nlist, PQ_MIN_TRAIN)
+    want = min(want, max(MAX_POINTS_PER_CENTROID * nlist, PQ_MIN_TRAIN))
+    return int(min(n, want))
+
+
+def choose_pq_nbits(n_train: int) -> int:
+    """8 bits when n_train >= 39*256, else the largest b with 39 * 2**b <= n_train (>= 1)."""
+    if n_train >= PQ_MIN_TRAIN:
+        return 8
+    return max(1, int(math.floor(math.log2(max(2, n_train) / MIN_POINTS_PER_CENTROID))))
+
+
+def choose_pq_m(dim: int, budget_per_vector: float | None, nbits: int = 8) -> int:
+    """Largest M in (64, 32, 16, 8, 4) with M <= dim/2, M | dim and code + id <= budget (bytes)."""
+    for m in (64, 32, 16, 8, 4):
+        if m > dim // 2 or dim % m:
+            continue
+        if budget_per_vector is None or (m * nbits / 8 + ID_BYTES) * MEMORY_SLACK <= budget_per_vector:
+            return m
+    raise ValueError(
+        f"no PQ size fits: dim={dim}, budget {budget_per_vector} bytes/vector "
+        f"(the smallest code is 4 bytes + {ID_BYTES} bytes of id)"
+    )
+
+
+def opq_dout(dim: int, m: int) -> int:
+    """OPQ output dimension: min(dim, 4*m) rounded down to a multiple of m (4 dims per sub-quantizer)."""
+    d = min(dim, 4 * m)
+    return max(m, d - d % m)
+
+
+def bytes_per_vector(kind: str, dim: int, pq_m: int = 64, pq_nbits: int = 8) -> float:
+    """Estimated resident bytes per vector of each kind (exact-vector file of ivfpq-refine not counted:
+    it is memory-mapped from disk, 2*dim bytes/vector)."""
+    if kind == "flat":
+        return 4 * dim + ID_BYTES
+    if kind == "sq8":
+        return dim + ID_BYTES
+    if kind == "hnsw":
+        return 4 * dim + 2 * HNSW_M * 4 * 1.05 + ID_BYTES  # vectors + level-0 links (+ upper levels)
+    if kind in IVF_KINDS:
+        return pq_m * pq_nbits / 8 + ID_BYTES
+    raise ValueError(f"unknown index kind {kind!r}; choose one of {KINDS} or 'auto'")
+
+
+def choose_kind(n: int, dim: int, memory_budget_bytes: int | None = None) -> str:
+    """The ``auto`` rule (see module docstring). Returns one of :data:`KINDS`.
+
+    Raises:
+        ValueError: nothing fits the budget.
+    """
+    per_vec = None if memory_budget_bytes is None else memory_budget_bytes / max(1, n)
+
+    def fits(kind: str) -> bool:
+        return per_vec is None or bytes_per_vector(kind, dim) * MEMORY_SLACK <= per_vec
+
+    if n <= AUTO_FLAT_MAX_N:
+        for kind in ("flat", "sq8"):
+            if fits(kind):
+                return kind
+        choose_pq_m(dim, per_vec)  # raises if not even the smallest PQ fits
+        return "ivfpq"
+    choose_pq_m(dim, per_vec)
+    return "ivfpq-refine"
+
+
+def plan_index(n: int, dim: int, kind: str = "auto", memory_budget_bytes: int | None = None) -> IndexPlan:
+    """Decide kind, factory string and training size for ``n`` vectors of dimension ``dim``.
+
+    Args:
+        n: number of vectors to index (> 0). dim: their dimension.
+        kind: "auto" or one of :data:`KINDS`.
+        memory_budget_bytes: resident-memory budget of the index (bytes) or None (no limit).
+    Returns:
+        an :class:`IndexPlan`; ``plan.factory`` is a FAISS ``index_factory`` string for the
+        inner-product metric (``IDMap,...`` for kinds without inverted lists so that
+        ``add_with_ids`` works).
+    Raises:
+        ValueError: unknown kind, n < 1, too few vectors to train the requested kind, or no
+        PQ size fits the budget.
+    """
+    if n < 1:
+        raise ValueError(f"cannot index {n} vectors")
+    requested = kind
+    if kind == "auto":
+        kind = choose_kind(n, dim, memory_budget_bytes)
+    if kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {KINDS} or 'auto'")
+    rules = [f"kind={kind} ({'auto rule' if requested == 'auto' else 'requested'}; N={n}, D={dim})"]
+    if kind == "flat":
+        return IndexPlan(kind, dim, n, "IDMap,Flat", bytes_per_vector=bytes_per_vector(kind, dim), rules=rules)
+    if kind == "sq8":
+        nt = min(n, 65_536)
+        return IndexPlan(kind, dim, n, "IDMap,SQ8", n_train=nt, bytes_per_vector=bytes_per_vector(kind, dim), rules=rules)
+    if kind == "hnsw":
+        return IndexPlan(kind, dim, n, f"IDMap,HNSW{HNSW_M}", bytes_per_vector=bytes_per_vector(kind, dim), rules=rules)
+
+    if n < 2 * MIN_POINTS_PER_CENTROID:
+        raise ValueError(f"{kind} needs at least {2 * MIN_POINTS_PER_CENTROID} vectors to train, got {n}; use kind='flat'")
+    nlist = choose_nlist(n)
+    n_train = choose_n_train(n, nlist)
+    while nlist > 1 and nlist * MIN_POINTS_PER_CENTROID > n_train:
+        nlist //= 2
+    nbits = choose_pq_nbits(n_train)
+    per_vec = None if memory_budget_bytes is None else memory_budget_bytes / n
+    m = choose_pq_m(dim, per_vec, nbits)
+    rules.append(f"nlist={nlist} (~4*sqrt(N)={4 * math.sqrt(n):.0f} as a power of two, >= {MIN_POINTS_PER_CENTROID} pts/centroid)")
+    rules.append(f"n_train={n_train} ({n_train / nlist:.0f} pts/centroid)")
+    rules.append(f"PQ{m}x{nbits} ({m * nbits / 8:.0f} B code + {ID_BYTES} B id per vector)")
+    if n_train >= PQ_MIN_TRAIN and dim >= 2 * m:
+        dout = opq_dout(dim, m)
+        assert dout % m == 0
+        factory = f"OPQ{m}_{dout},IVF{nlist},PQ{m}x{nbits}"
+        rules.append(f"OPQ{m}_{dout}: output dim {dout} = {dout // m} dims per sub-quantizer")
+    else:
+        dout = 0
+        factory = f"IVF{nlist},PQ{m}x{nbits}"
+        rules.append(f"no OPQ: n_train < {PQ_MIN_TRAIN} (OPQ's inner PQ is 8-bit)")
+    return IndexPlan(
+        kind, dim, n, factory, n_train=n_train, nlist=nlist, pq_m=m, pq_nbits=nbits, opq_dout=dout,
+        refine="store" if kind == "ivfpq-refine" else None,
+        bytes_per_vector=bytes_per_vector(kind, dim, m, nbits), rules=rules,
+    )

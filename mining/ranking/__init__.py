@@ -1,0 +1,53 @@
+"""Learned / training-free patch ranking as the second selection path (issue 4).
+
+* ``ltrp`` backend: LTRP (Luo et al., CVPR 2024) ranking ViT + DPC-KNN homogeneous patches.
+* ``kpp`` backend: Key Patch Proposer (Xu et al. 2024), greedy MAE reconstruction.
+* training: ``python -m jobs.train_ltrp`` (Ray Train).
+
+Importing this package registers both backends with
+:mod:`mining.saliency.base` and does not import torch (models load lazily).
+"""
+from __future__ import annotations
+
+from mining.ranking.backends import (  # noqa: F401  (registers "ltrp" and "kpp")
+    ENV_KPP_RATIO,
+    ENV_LTRP_CHECKPOINT,
+    ENV_MAE_ARCH,
+    ENV_MAE_CHECKPOINT,
+    ENV_RANDOM_INIT,
+    ENV_RANKER_ARCH,
+    KPPBackend,
+    LTRPBackend,
+)
+from mining.saliency.base import SaliencyBackend
+
+SELECTORS = ("ltrp", "kpp")
+
+
+def backend_from_args(selector: str, *, ltrp_checkpoint: str | None = None, mae_checkpoint: str | None = None,
+                      kpp_ratio: float = 0.25, random_init: bool = False, arch: str | None = None,
+                      device=None) -> SaliencyBackend:
+    """Map the mining job's CLI options to a ranking backend.
+
+    CLI -> kwargs: ``--selector ltrp|kpp`` -> ``selector``; ``--ltrp-checkpoint`` ->
+    ``ltrp_checkpoint``; ``--mae-checkpoint`` -> ``mae_checkpoint``; ``--kpp-ratio`` ->
+    ``kpp_ratio``; ``--ranker-random-init`` -> ``random_init``. ``arch`` is the ranker
+    arch for ``ltrp`` and the MAE arch for ``kpp`` (``"tiny-test"`` for CI; env
+    ``MINING_RANKER_ARCH`` / ``MINING_MAE_ARCH`` when None). Unset checkpoints fall back
+    to env ``MINING_LTRP_CHECKPOINT`` / ``MINING_MAE_CHECKPOINT``.
+
+    Returns:
+        an :class:`LTRPBackend` or :class:`KPPBackend` (``predict(image) -> (H, W) float32 [0, 1]``).
+    Raises:
+        ValueError: unknown selector, or no weights and ``random_init`` False (the
+            message names ``--ltrp-checkpoint`` / ``--mae-checkpoint`` / ``--ranker-random-init``).
+    """
+    if selector == "ltrp":
+        return LTRPBackend(checkpoint=ltrp_checkpoint, random_init=random_init, arch=arch, device=device)
+    if selector == "kpp":
+        return KPPBackend(mae_checkpoint=mae_checkpoint, random_init=random_init, arch=arch, device=device,
+                          ratio=kpp_ratio)
+    raise ValueError(f"unknown ranking selector {selector!r}; expected one of {SELECTORS}")
+
+
+__all__ = ["LTRPBackend", "KPPBackend", "backend_from_args", "SELECTORS"]

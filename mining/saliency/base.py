@@ -1,0 +1,109 @@
+"""The one small interface every saliency / patch-ranking backend implements.
+
+A backend turns an RGB image into a *saliency map*: a float32 array of shape
+(H, W) with values in [0, 1], the same H and W as the input image. The single
+candidate-box selector in :mod:`mining.selection` consumes these maps, whether
+they come from OpenCV spectral residual, SimpleNet (thesis §2.2.1) or a learned
+patch ranker such as LTRP (its token scores rendered as a map).
+
+Backends register themselves by name with :func:`register_backend` and are
+created with :func:`get_backend`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+_REGISTRY: dict[str, Callable[..., "SaliencyBackend"]] = {}
+
+
+class SaliencyBackend:
+    """Base class: image (H, W, 3) uint8 RGB -> saliency map (H, W) float32 in [0, 1].
+
+    Subclasses implement :meth:`predict`; :meth:`predict_batch` may be
+    overridden to batch on a device (the default loops).
+
+    Attributes:
+        name: registry name, recorded in the output metadata.
+        weight_free: True when the backend needs no learned weights.
+    """
+
+    name: str = "base"
+    weight_free: bool = True
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """Saliency map of one image.
+
+        Args:
+            image: (H, W, 3) uint8 RGB, H, W >= 1 pixels.
+        Returns:
+            (H, W) float32 in [0, 1].
+        Raises:
+            ValueError: if ``image`` is not (H, W, 3) uint8.
+        """
+        raise NotImplementedError
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Saliency maps of several images (each may have its own size).
+
+        Returns one (H_i, W_i) float32 map in [0, 1] per input image.
+        """
+        return [self.predict(im) for im in images]
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return self.predict(image)
+
+
+def check_image(image: np.ndarray) -> None:
+    """Raise ValueError unless ``image`` is an (H, W, 3) uint8 array with H, W >= 1."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"expected an (H, W, 3) uint8 RGB image, got {getattr(image, 'shape', type(image))} "
+            f"{getattr(image, 'dtype', '')}"
+        )
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"empty image of shape {image.shape}")
+
+
+def normalize_map(sal: np.ndarray) -> np.ndarray:
+    """Min-max normalise a map to float32 [0, 1]; a constant map becomes all zeros."""
+    sal = np.asarray(sal, dtype=np.float32)
+    lo, hi = float(sal.min()), float(sal.max())
+    if hi - lo < 1e-12:
+        return np.zeros_like(sal, dtype=np.float32)
+    return (sal - lo) / (hi - lo)
+
+
+def register_backend(name: str):
+    """Class decorator: register a backend factory under ``name``."""
+
+    def deco(cls):
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def get_backend(name: str, **kwargs) -> SaliencyBackend:
+    """Create a registered backend by name.
+
+    Raises:
+        KeyError: unknown name; the message lists the registered names.
+    """
+    # importing the package registers the built-in backends
+    import mining.saliency  # noqa: F401
+    try:
+        import mining.ranking  # noqa: F401  (registers learned rankers, if present)
+    except ImportError:
+        pass
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown saliency backend {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name](**kwargs)
+
+
+def available_backends() -> list[str]:
+    """Names of all registered backends."""
+    import mining.saliency  # noqa: F401
+    return sorted(_REGISTRY)
