@@ -199,7 +199,7 @@ def _load_resume_state(config: dict):
     src = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)
+            state = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=True)
             losses = _read_lines(os.path.join(d, LOSS_FILE))
         return state, losses, ckpt.path
     src = config.get("resume_from")
@@ -210,7 +210,7 @@ def _load_resume_state(config: dict):
 
     fs, p = get_fs(path)
     with fs.open(p, "rb") as f:
-        state = torch.load(f, map_location="cpu", weights_only=False)
+        state = torch.load(f, map_location="cpu", weights_only=True)
     loss_path = os.path.join(os.path.dirname(p), LOSS_FILE)
     losses = []
     if fs.exists(loss_path):
@@ -255,8 +255,8 @@ def train_loop_per_worker(config: dict) -> None:
     ranker = ray.train.torch.prepare_model(ranker)  # device + DDP when world > 1
 
     ds = ImageDataset(config["images"], config["img_size"], train=True)
-    loader = torch.utils.data.DataLoader(ds, batch_size=config["batch_size"], shuffle=True, drop_last=len(ds) >=
-                                         config["batch_size"] * world, num_workers=config["loader_workers"],
+    loader = torch.utils.data.DataLoader(ds, batch_size=config["batch_size"], shuffle=True,
+                                         drop_last=len(ds) >= config["batch_size"] * world, num_workers=config["loader_workers"],
                                          persistent_workers=False)
     loader = ray.train.torch.prepare_data_loader(loader)
     steps_per_epoch = len(loader)
@@ -405,8 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": 1} if use_gpu
-                                                                                            else {})}),
+                                     resources_per_worker={"CPU": args.cpus_per_worker}),
         run_config=RunConfig(name=args.name, storage_path=args.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=args.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=args.max_failures)),

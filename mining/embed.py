@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
 TEST_MODEL = "tiny-test-random"
+RANDOM_INIT_SEED = 0
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
@@ -111,7 +112,11 @@ class ClipEmbedder:
             raise ValueError(f"{TEST_MODEL} only exists randomly initialised: pass --clip-random-init")
         if spec.random_init:
             log.warning("CLIP %s is RANDOMLY INITIALISED (--clip-random-init): embeddings are not semantic", spec.model)
-            model = open_clip.create_model(spec.model, pretrained=None, device=self.device)
+            # seeded, so smoke runs (and the rerun-equality tests) are reproducible across processes
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model = open_clip.create_model(spec.model, pretrained=None, device="cpu")
+            model = model.to(self.device)
         else:
             if not spec.pretrained:
                 raise WeightsError(f"no CLIP weights given. {weights_help(spec.model)}")

@@ -151,7 +151,7 @@ def _wds_key(name: str) -> tuple[str, str]:
     return (posixpath.join(d, stem) if d else stem), ext.lower()
 
 
-def _finish_sample(shard: str, key: str, parts: dict[str, bytes], bad: list[str]) -> Iterator[Record]:
+def _finish_sample(shard: str, key: str, parts: dict[str, bytes], bad: dict[str, str]) -> Iterator[Record]:
     imgs = [e for e in parts if ("." + e.rsplit(".", 1)[-1]) in IMAGE_EXTS]
     meta, side_err = {}, None
     if "json" in parts:
@@ -161,19 +161,24 @@ def _finish_sample(shard: str, key: str, parts: dict[str, bytes], bad: list[str]
                 meta, side_err = {}, f"sidecar {key}.json is not a JSON object"
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             side_err = f"bad sidecar JSON {key}.json: {e}"
+    if "json" in bad:
+        side_err = bad["json"]
     if not imgs:
         if bad:
-            yield Record(image_uri=f"{shard}#{key}", key=key, error=("read", "; ".join(bad)))
+            yield Record(image_uri=f"{shard}#{key}", key=key, error=("read", "; ".join(bad.values())))
         return
     for ext in sorted(imgs):
         name = f"{key}.{ext}"
+        if ext in bad:
+            yield Record(image_uri=f"{shard}#{name}", key=name, error=("read", bad[ext]), metadata=meta)
+            continue
         yield Record(image_uri=f"{shard}#{name}", key=name, data=parts[ext], metadata=meta, sidecar_error=side_err)
 
 
 def iter_tar(shard: str) -> Iterator[Record]:
     """Stream a WebDataset tar shard sample by sample (bounded memory)."""
     fs, path = get_fs(shard)
-    key, parts, bad = None, {}, []
+    key, parts, bad = None, {}, {}
     try:
         with fs.open(path, "rb", block_size=8 * 2**20) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
             for m in tf:
@@ -182,16 +187,16 @@ def iter_tar(shard: str) -> Iterator[Record]:
                 k, ext = _wds_key(m.name)
                 if key is not None and k != key:
                     yield from _finish_sample(shard, key, parts, bad)
-                    parts, bad = {}, []
+                    parts, bad = {}, {}
                 key = k
                 try:
                     fh = tf.extractfile(m)
                     data = fh.read() if fh is not None else b""
                     if len(data) != m.size:
-                        bad.append(f"member {m.name} truncated ({len(data)} of {m.size} bytes)")
+                        bad[ext] = f"tar member {m.name} truncated ({len(data)} of {m.size} bytes)"
                     parts[ext] = data
                 except (tarfile.TarError, OSError, EOFError) as e:
-                    bad.append(f"corrupt tar member {m.name}: {e}")
+                    bad[ext] = f"corrupt tar member {m.name}: {type(e).__name__}: {e}"
                     parts[ext] = b""
     except (tarfile.TarError, OSError, EOFError) as e:
         if key is not None:

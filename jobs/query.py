@@ -1,0 +1,256 @@
+"""Query the patch index and export the hits for labeling.
+
+In-process (the vertical slice; loads the index and CLIP here)::
+
+    python -m jobs.query --index <index dir> --text "a road narrows sign" --k 16 --out out/
+    python -m jobs.query --index <index dir> --image frame.jpg --box 100,200,324,424 --k 16 --out out/
+
+Through the running query actor (``python -m jobs.serve_query`` started it), from a laptop via the
+Ray client or from a submitted job (``--address auto``)::
+
+    python -m jobs.query --address ray://<head>:10001 --examples deer/ --mode mean --k 100 \
+        --out export/ --exclude-exported
+
+Prints the top-k rows (rank, score, image_uri, box); with ``--out`` writes the labeling manifest
+(JSONL + Parquet), ``contact_sheet.png`` and ``gallery.html`` (see ``mining.export``). Hits that
+overlap a better hit from the same frame are dropped (thesis §3.3.1). Exit codes: 0 ok, 2 bad query
+(message on stderr), 3 actor / index not found.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.query", description=__doc__.split("\n\n")[0])
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--index", help="index directory: run the query in this process")
+    where.add_argument("--address", help="Ray address (ray://host:10001, host:6379 or auto): ask the query actor")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="text query")
+    what.add_argument("--image", help="query image: a local file (sent as bytes) or a URI under the allowed prefixes")
+    what.add_argument("--examples", help="directory of example images (multi-example query); optional boxes.csv "
+                                         "with file,x0,y0,x1,y1")
+    what.add_argument("--embedding", help=".npy file with one (D,) query embedding")
+    p.add_argument("--box", help="x0,y0,x1,y1 crop of --image (pixels, x1/y1 exclusive); default whole frame")
+    p.add_argument("--mode", default="mean", choices=["mean", "max", "sum"],
+                   help="how --examples are combined: mean embedding (thesis Eq. 4.1), or max/sum of scores")
+    p.add_argument("--negatives", help="directory of negative example images (pushed away)")
+    p.add_argument("--negative-weight", type=float, default=None)
+    p.add_argument("--k", type=int, default=16, help="number of hits (default 16)")
+    p.add_argument("--out", help="export directory: manifest JSONL/Parquet, contact sheet, HTML gallery")
+    p.add_argument("--exclude-exported", action="store_true",
+                   help="skip images already in a manifest under --out")
+    p.add_argument("--date-from", help="keep patches ingested on/after YYYY-MM-DD")
+    p.add_argument("--date-to", help="keep patches ingested on/before YYYY-MM-DD")
+    p.add_argument("--exclude-image-ids", help="comma-separated image ids, or @file with one id per line")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="in-process: dedup threshold, intersection/area of larger box (default 0 = any overlap)")
+    p.add_argument("--no-dedup", action="store_true", help="keep overlapping hits from the same frame")
+    rr = p.add_mutually_exclusive_group()
+    rr.add_argument("--rerank", dest="rerank", action="store_true", default=None, help="exact re-rank")
+    rr.add_argument("--no-rerank", dest="rerank", action="store_false", help="no exact re-rank")
+    p.add_argument("--version", help="in-process: index version (default CURRENT)")
+    p.add_argument("--allow-prefix", action="append", default=[],
+                   help="in-process: URI prefix image queries may read (repeatable)")
+    p.add_argument("--k-cap", type=int, default=1000, help="in-process: largest k")
+    p.add_argument("--clip-model", help="in-process: CLIP model (default: the one recorded in the index manifest)")
+    p.add_argument("--clip-pretrained", help="open_clip tag or checkpoint path (default: from the manifest)")
+    p.add_argument("--clip-random-init", action="store_true", help="random CLIP weights (smoke runs only)")
+    p.add_argument("--device", help="in-process: torch device (default cuda if available)")
+    p.add_argument("--namespace", default=None, help="actor namespace (default mining)")
+    p.add_argument("--actor-name", default=None, help="actor name (default rare-object-query)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of a table")
+    return p
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _example_dir(d: str) -> list[dict]:
+    root = Path(d)
+    if not root.is_dir():
+        raise SystemExit(f"error: --examples/--negatives {d!r} is not a directory")
+    boxes = {}
+    if (root / "boxes.csv").exists():
+        with open(root / "boxes.csv") as f:
+            for r in csv.DictReader(f):
+                boxes[r["file"]] = (int(r["x0"]), int(r["y0"]), int(r["x1"]), int(r["y1"]))
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXT)
+    if not files:
+        raise SystemExit(f"error: no images ({', '.join(IMAGE_EXT)}) in {d!r}")
+    return [{"image": p.read_bytes(), "box": boxes.get(p.name)} for p in files]
+
+
+def _filters(args) -> dict:
+    f = {}
+    if args.date_from:
+        f["date_from"] = args.date_from
+    if args.date_to:
+        f["date_to"] = args.date_to
+    ex: list[str] = []
+    if args.exclude_image_ids:
+        v = args.exclude_image_ids
+        if v.startswith("@"):
+            ex += [x.strip() for x in open(v[1:]) if x.strip()]
+        else:
+            ex += [x.strip() for x in v.split(",") if x.strip()]
+    if args.exclude_exported:
+        if not args.out:
+            raise SystemExit("error: --exclude-exported needs --out (the export directory to read)")
+        from mining.export import exported_image_ids
+
+        prev = sorted(exported_image_ids(args.out))
+        print(f"excluding {len(prev)} already exported images", file=sys.stderr)
+        ex += prev
+    if ex:
+        f["exclude_image_ids"] = ex
+    return f
+
+
+def _request(args) -> tuple[str, tuple, dict, dict]:
+    """(method, args, kwargs, description) for the engine / actor."""
+    kw = {"filters": _filters(args) or None, "dedup": not args.no_dedup, "rerank": args.rerank}
+    if args.text is not None:
+        return "text", (args.text, args.k), kw, {"type": "text", "text": args.text}
+    if args.image is not None:
+        if os.path.exists(args.image):
+            img = _read_bytes(args.image)
+        elif "://" in args.image:
+            img = args.image  # read by the engine, only under its allowed prefixes
+        else:
+            raise SystemExit(f"error: --image {args.image!r}: no such file")
+        return "image", (img, args.box, args.k), kw, {"type": "image", "image": args.image, "box": args.box}
+    if args.embedding is not None:
+        import numpy as np
+
+        return "embedding", (np.load(args.embedding), args.k), kw, {"type": "embedding", "file": args.embedding}
+    exs = _example_dir(args.examples)
+    negs = _example_dir(args.negatives) if args.negatives else None
+    kw.update(mode=args.mode, negatives=negs, negative_weight=args.negative_weight)
+    return "examples", (exs, args.k), kw, {"type": "examples", "dir": args.examples, "mode": args.mode,
+                                           "n": len(exs), "negatives": args.negatives}
+
+
+def _print_rows(table, as_json: bool) -> None:
+    rows = table.to_pylist()
+    if as_json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    print(f"{'rank':>4}  {'score':>7}  {'box (x0,y0,x1,y1)':<22}  image_uri")
+    for r in rows:
+        box = f"{r['x0']},{r['y0']},{r['x1']},{r['y1']}"
+        print(f"{r['rank']:>4}  {r['score']:>7.4f}  {box:<22}  {r['image_uri']}")
+
+
+def _unwrap_query_error(e: BaseException):
+    from mining.query import QueryError
+
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, QueryError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+        seen += 1
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.simplefilter("default")
+    if args.k is None:
+        args.k = 16
+    method, pargs, kw, desc = _request(args)
+    try:
+        if args.index:
+            table = _run_local(args, method, pargs, kw)
+        else:
+            table = _run_actor(args, method, pargs, kw)
+    except LookupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except Exception as e:
+        qe = _unwrap_query_error(e)
+        if qe is None:
+            raise
+        print(f"error: bad query: {qe}", file=sys.stderr)
+        return 2
+    from mining.query import query_info, timings_of
+
+    info = query_info(table)
+    if info["random_init"]:
+        print("WARNING: the index was built from RANDOMLY INITIALISED CLIP weights: results are not semantic",
+              file=sys.stderr)
+    _print_rows(table, args.json)
+    print(f"index version {info['index_version']}, model {info['model']}, {table.num_rows} hits; "
+          f"timings (ms) {json.dumps(timings_of(table))}", file=sys.stderr)
+    if args.out:
+        from mining.export import export_hits
+
+        res = export_hits(table, args.out, query={**desc, "k": args.k, **({"filters": {
+            k: (v if k != "exclude_image_ids" else f"{len(v)} ids") for k, v in (kw.get("filters") or {}).items()}}
+            if kw.get("filters") else {})}, index_version=info["index_version"], model=info["model"],
+            random_init=info["random_init"])
+        print(f"exported {res['hits']} hits in {res['images']} images: {res['manifest_jsonl']}, "
+              f"{res['manifest_parquet']}, {res['contact_sheet']}, {res['gallery']}")
+    return 0
+
+
+def _run_local(args, method, pargs, kw):
+    from mining.embed import ClipSpec
+    from mining.query import QueryConfig, QueryEngine
+
+    clip = None
+    if args.clip_model:
+        clip = ClipSpec(args.clip_model, None, True) if args.clip_random_init else \
+            ClipSpec(args.clip_model, args.clip_pretrained)
+    elif args.clip_pretrained or args.clip_random_init:
+        from mining.index import open_index
+        from mining.query import spec_from_manifest
+
+        m = open_index(args.index, version=args.version).manifest
+        base = spec_from_manifest(m, clip_pretrained=args.clip_pretrained)
+        clip = ClipSpec(base.model, None, True) if args.clip_random_init else ClipSpec(base.model, args.clip_pretrained)
+    cfg = QueryConfig(k_cap=args.k_cap, allowed_prefixes=tuple(args.allow_prefix),
+                      **({"dedup_overlap": args.overlap} if args.overlap is not None else {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-init warning is printed once below from the result
+        engine = QueryEngine(args.index, version=args.version, clip=clip, device=args.device, config=cfg)
+    return getattr(engine, method)(*pargs, **kw)
+
+
+def _run_actor(args, method, pargs, kw):
+    import ray
+
+    from mining.query_actor import ACTOR_NAME, NAMESPACE, get_actor
+
+    ns = args.namespace or NAMESPACE
+    if args.clip_model or args.clip_pretrained or args.clip_random_init:
+        print("note: CLIP options are fixed by the running actor (jobs.serve_query); ignored here", file=sys.stderr)
+    if args.address.startswith("ray://"):
+        ray.init(args.address, namespace=ns, logging_level="WARNING")  # Ray client: the work stays in the cluster
+    else:
+        ray.init(address=args.address, namespace=ns, logging_level="WARNING", log_to_driver=False)
+    try:
+        actor = get_actor(args.actor_name or ACTOR_NAME, ns)
+        return ray.get(getattr(actor, method).remote(*pargs, **kw))
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Start (or stop) the named, detached query actor ``rare-object-query`` in namespace ``mining``.
+
+    python -m jobs.serve_query --index <index root> [--address <ray address>]   # start / get
+    python -m jobs.serve_query --reload [--address ...]                          # hot-swap to CURRENT
+    python -m jobs.serve_query --stop [--address ...]                            # remove it
+    ray job submit --working-dir . -- python -m jobs.serve_query --index s3://bucket/index
+
+The actor is created with ``get_if_exists=True`` (a second start returns the running one),
+``lifetime="detached"`` (it outlives this job) and ``max_restarts=-1`` (Ray restarts it when it
+dies; the restart reloads the CURRENT index version). It asks for one GPU when the cluster has
+GPUs (``--num-gpus`` overrides) and falls back to CPU when torch sees none. CLIP defaults to the
+model recorded in the index manifest. Prints the actor's ``health()`` as one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.serve_query", description=__doc__.split("\n\n")[0])
+    p.add_argument("--index", help="index root (local or s3://); required to start")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS / the job's cluster / local)")
+    act = p.add_mutually_exclusive_group()
+    act.add_argument("--stop", action="store_true", help="kill the actor (no restart)")
+    act.add_argument("--reload", action="store_true", help="ask the running actor to switch to the newest version")
+    act.add_argument("--health", action="store_true", help="print the running actor's health")
+    p.add_argument("--clip-model", help="CLIP model (default: the one recorded in the index manifest)")
+    p.add_argument("--clip-pretrained", help="open_clip tag or checkpoint path (default: from the manifest)")
+    p.add_argument("--clip-random-init", action="store_true", help="random CLIP weights (smoke runs only)")
+    p.add_argument("--allow-prefix", action="append", default=[],
+                   help="URI prefix image queries may read (repeatable; default none: bytes only)")
+    p.add_argument("--k-cap", type=int, default=1000, help="largest k per query")
+    p.add_argument("--overlap", type=float, default=0.0,
+                   help="dedup threshold: intersection / area of the larger box (0 = any overlap, thesis §3.3.1)")
+    p.add_argument("--num-gpus", type=float, default=None, help="GPUs for the actor (default 1 if the cluster has GPUs)")
+    p.add_argument("--num-cpus", type=float, default=1, help="CPUs reserved for the actor (default 1)")
+    p.add_argument("--max-concurrency", type=int, default=8, help="concurrent queries in the actor")
+    p.add_argument("--name", default=None, help="actor name (default rare-object-query)")
+    p.add_argument("--namespace", default=None, help="namespace (default mining)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import ray
+
+    from mining.query_actor import ACTOR_NAME, NAMESPACE, get_actor, start_actor, stop_actor
+
+    name, ns = args.name or ACTOR_NAME, args.namespace or NAMESPACE
+    if args.address and args.address.startswith("ray://"):
+        ray.init(args.address, namespace=ns)
+    else:
+        ray.init(address=args.address, namespace=ns, logging_level="WARNING")
+    try:
+        if args.stop:
+            ok = stop_actor(name, ns)
+            print(json.dumps({"stopped": ok, "name": name, "namespace": ns}))
+            return 0
+        if args.reload or args.health:
+            try:
+                actor = get_actor(name, ns, timeout_s=5)
+            except LookupError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 3
+            out = ray.get(actor.reload.remote() if args.reload else actor.health.remote())
+            print(json.dumps(out, default=str))
+            return 0
+        if not args.index:
+            print("error: --index <index root> is required to start the query actor", file=sys.stderr)
+            return 2
+        actor, health = start_actor(
+            args.index, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+            clip_random_init=args.clip_random_init, allowed_prefixes=args.allow_prefix, k_cap=args.k_cap,
+            dedup_overlap=args.overlap, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
+            max_concurrency=args.max_concurrency, name=name, namespace=ns)
+        if health.get("index_root") != args.index:
+            print(f"note: actor {name!r} was already running on {health.get('index_root')!r}; "
+                  f"stop it first to serve {args.index!r}", file=sys.stderr)
+        if health.get("random_init"):
+            print("WARNING: the index was built from RANDOMLY INITIALISED CLIP weights: results are not semantic",
+                  file=sys.stderr)
+        print(json.dumps(health, default=str))
+        return 0
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The nightly incremental run: mine new shards, grow the index, reload the query actor.
+
+Idempotent by construction: shards already in the ledger are skipped, each shard is
+committed atomically by the actor that mined it, the index update adds only committed
+shards not yet in the current index version, and a second run the same night finds
+nothing new and says so.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from mining.pipeline import MineConfig, format_summary, run_mining
+from mining.shards import list_shards
+from mining.store import committed_shards
+
+log = logging.getLogger(__name__)
+
+QUERY_ACTOR_NAME = "rare-object-query"
+QUERY_NAMESPACE = "mining"
+
+
+def reload_query_actor(timeout_s: float = 120.0) -> dict | None:
+    """Ask the named query actor (if running) to switch to the newest index version.
+
+    Returns its reply, or None when no query actor is running. Needs a connected Ray.
+    """
+    import ray
+
+    try:
+        actor = ray.get_actor(QUERY_ACTOR_NAME, namespace=QUERY_NAMESPACE)
+    except ValueError:
+        return None
+    return ray.get(actor.reload.remote(), timeout=timeout_s)
+
+
+def run_nightly(input_spec: str, output_root: str, cfg: MineConfig, *, index_root: str | None = None,
+                address: str | None = None, reload_actor: bool = True, index_kwargs: dict | None = None,
+                **mine_kwargs) -> dict:
+    """One night: list shards (fresh listing), mine the uncommitted ones, update the index, reload.
+
+    Args:
+        input_spec: the night's shards (prefix, glob, files; see :func:`mining.shards.list_shards`).
+        output_root: dataset root (local or s3://).
+        cfg: mining configuration (its ``date`` is the partition; default today, UTC).
+        index_root: index root to grow (None: no index step).
+        reload_actor: tell a running query actor to reload after a new index version.
+    Returns:
+        summary dict: the mining summary plus ``new_shards``, ``index`` (manifest summary or None),
+        ``reloaded`` and ``nothing_to_do``.
+    """
+    t0 = time.perf_counter()
+    cfg = cfg.resolved()
+    refs = list_shards(input_spec, images_per_dir_shard=mine_kwargs.pop("images_per_dir_shard", 64))
+    done = committed_shards(output_root)
+    new = [r for r in refs if r.uri not in done]
+    summary = run_mining(input_spec, output_root, cfg, address=address, shards=refs, **mine_kwargs)
+    summary["new_shards"] = len(new)
+    summary["nothing_to_do"] = not new
+    summary["index"] = None
+    summary["reloaded"] = None
+    if index_root:
+        from mining.index import update_index
+
+        manifest = update_index(output_root, index_root, **(index_kwargs or {}))
+        summary["index"] = {k: manifest.get(k) for k in ("version", "kind", "n", "changed", "retrained") if k in manifest}
+        if manifest.get("changed") and reload_actor:
+            import ray
+
+            from mining.pipeline import _ray_init
+
+            _ray_init(address)
+            try:
+                summary["reloaded"] = reload_query_actor()
+            except Exception as e:  # noqa: BLE001 - the night's data is committed; report, don't fail
+                summary["reloaded"] = {"error": f"{type(e).__name__}: {e}"}
+            del ray
+    summary["wall_s"] = round(time.perf_counter() - t0, 3)
+    return summary
+
+
+def format_nightly(s: dict) -> str:
+    """Human-readable end-of-night summary."""
+    if s["nothing_to_do"]:
+        head = (f"nothing to do for {s['date']}: all {s['shards_total']} shards are already committed "
+                f"(rerun-safe; delete their ledger records to re-mine)")
+    else:
+        head = f"night {s['date']}: {s['new_shards']} new shards"
+    lines = [head, format_summary(s)]
+    if s.get("index"):
+        ix = s["index"]
+        lines.append(f"index: version {ix.get('version')} ({ix.get('kind')}, {ix.get('n')} vectors, "
+                     f"{'changed' if ix.get('changed') else 'unchanged'}{', retrained' if ix.get('retrained') else ''})")
+    if s.get("reloaded") is not None:
+        lines.append(f"query actor reload: {s['reloaded']}")
+    lines.append(f"night wall time {s['wall_s']:.1f} s")
+    return "\n".join(lines)
