@@ -285,6 +285,8 @@ def train_loop_per_worker(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        for group, base in zip(opt.param_groups, sched.base_lrs):  # the schedule may have been extended
+            group["lr"] = base * lr_lambda(sched.last_epoch)
         if rank == 0:
             print(json.dumps({"event": "resumed", "from": str(resumed_from), "epoch": start_epoch, "step": step}),
                   flush=True)

@@ -38,6 +38,18 @@ log = logging.getLogger(__name__)
 
 STAGES = ("read", "decode", "select", "embed", "write")
 
+# Settings the actors need from the driver's environment. Actors on a cluster started with
+# `ray start` do not inherit the driver's environment, so these travel in the actor's
+# runtime_env (merged by Ray with the job's runtime_env).
+PASS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+            "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MINING_S3_RETRIES", "HF_HOME", "HF_HUB_OFFLINE",
+            "OPEN_CLIP_CACHE_DIR")
+
+
+def actor_env() -> dict:
+    """The driver's S3 / model-cache settings to pass to actors (``runtime_env["env_vars"]``)."""
+    return {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+
 
 @dataclass
 class MineConfig:
@@ -355,7 +367,8 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
         n = num_actors or max(1, int(res.get("CPU", 1)) // cpa)
     n = max(1, min(n, len(todo)))
     Actor = ray.remote(ShardMiner)
-    actors = [Actor.options(max_restarts=-1, max_task_retries=0, **opts).remote(cfg) for _ in range(n)]
+    renv = {"env_vars": actor_env()}
+    actors = [Actor.options(max_restarts=-1, max_task_retries=0, runtime_env=renv, **opts).remote(cfg) for _ in range(n)]
     # surface weight / config errors once, clearly, before any shard is dispatched
     try:
         infos = ray.get([a.info.remote() for a in actors])

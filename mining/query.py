@@ -198,7 +198,7 @@ def decode_image(data: bytes, what: str = "query image") -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.array(im.convert("RGB"))  # writable copy (torch.from_numpy)
     except Exception as e:  # PIL raises many types for garbage input
         raise QueryError(f"{what} is unreadable: {type(e).__name__}: {e}") from None
     if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
@@ -639,24 +639,7 @@ class QueryEngine:
         Raises:
             QueryError: unreadable image, box outside the image, URI not allowed.
         """
-        if isinstance(image, np.ndarray):
-            arr = image
-            if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-                raise QueryError(f"image array must be (H, W, 3) uint8 RGB, got {arr.shape} {arr.dtype}")
-        elif isinstance(image, (bytes, bytearray, memoryview)):
-            if len(image) > self.config.max_image_bytes:
-                raise QueryError(f"query image is {len(image)} bytes, above the {self.config.max_image_bytes} limit")
-            arr = decode_image(bytes(image))
-        elif isinstance(image, str):
-            arr = decode_image(self.read_uri(image), what=f"image {image!r}")
-        else:
-            raise QueryError(f"image must be bytes, an allowed URI or an RGB array, got {type(image).__name__}")
-        h, w = arr.shape[:2]
-        b = parse_box(box)
-        if b is None:
-            b = (0, 0, w, h)
-        elif b[0] < 0 or b[1] < 0 or b[2] > w or b[3] > h:
-            raise QueryError(f"box {b} is outside the {w}x{h} image (x1/y1 exclusive, at most {w},{h})")
+        arr, b = self._load_image(image, box)
         return self._need_embedder().embed_crops(arr, np.asarray([b], np.int64))[0].astype(np.float32)
 
     def encode_embedding(self, vector: Any) -> np.ndarray:
@@ -677,6 +660,58 @@ class QueryEngine:
         if float(np.linalg.norm(v)) < 1e-12:
             raise QueryError("embedding is the zero vector")
         return l2_normalize(v)
+
+    def _load_image(self, image: bytes | str | np.ndarray, box: Any) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+        """Decode/validate an image query -> ((H, W, 3) uint8 RGB, box inside it)."""
+        if isinstance(image, np.ndarray):
+            arr = image
+            if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+                raise QueryError(f"image array must be (H, W, 3) uint8 RGB, got {arr.shape} {arr.dtype}")
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            if len(image) > self.config.max_image_bytes:
+                raise QueryError(f"query image is {len(image)} bytes, above the {self.config.max_image_bytes} limit")
+            arr = decode_image(bytes(image))
+        elif isinstance(image, str):
+            arr = decode_image(self.read_uri(image), what=f"image {image!r}")
+        else:
+            raise QueryError(f"image must be bytes, an allowed URI or an RGB array, got {type(image).__name__}")
+        h, w = arr.shape[:2]
+        b = parse_box(box)
+        if b is None:
+            b = (0, 0, w, h)
+        elif b[0] < 0 or b[1] < 0 or b[2] > w or b[3] > h:
+            raise QueryError(f"box {b} is outside the {w}x{h} image (x1/y1 exclusive, at most {w},{h})")
+        return arr, b
+
+    def encode_examples(self, items: Sequence[Any], timer: _Timer | None = None, what: str = "example") -> np.ndarray:
+        """Several examples -> (n, D) float32 normalised; image crops go through the image tower
+        in ONE batch. Raises QueryError naming the bad example (``"example 2: ..."``)."""
+        import torch
+
+        out: list[np.ndarray | None] = [None] * len(items)
+        crops, where = [], []
+        for i, e in enumerate(items):
+            try:
+                ex = Example.coerce(e)
+                given = [n for n in ("text", "image", "uri", "embedding") if getattr(ex, n) is not None]
+                if len(given) != 1:
+                    raise QueryError(f"an example needs exactly one of text, image, uri, embedding; got {given or 'none'}")
+                if ex.text is not None:
+                    out[i] = self.encode_text(ex.text, timer)
+                elif ex.embedding is not None:
+                    out[i] = self.encode_embedding(ex.embedding)
+                else:
+                    arr, b = self._load_image(ex.image if ex.image is not None else ex.uri, ex.box)
+                    t = torch.from_numpy(arr).permute(2, 0, 1)
+                    crops.append(self._need_embedder().crops_from_image(t, np.asarray([b], np.int64)))
+                    where.append(i)
+            except QueryError as err:
+                raise QueryError(f"{what} {i}: {err}") from None
+        if crops:
+            z = self._need_embedder().embed_pixels(torch.cat(crops))
+            for j, i in enumerate(where):
+                out[i] = z[j].astype(np.float32)
+        return np.stack(out).astype(np.float32)
 
     def encode_example(self, ex: Any, timer: _Timer | None = None) -> np.ndarray:
         """One :class:`Example` (or text / bytes / dict) -> (D,) float32 normalised."""
@@ -763,13 +798,7 @@ class QueryEngine:
         timer = _Timer()
 
         def enc(items, what):
-            out = []
-            for i, e in enumerate(items):
-                try:
-                    out.append(self.encode_example(e, timer))
-                except QueryError as err:
-                    raise QueryError(f"{what} {i}: {err}") from None
-            return np.stack(out).astype(np.float32)
+            return self.encode_examples(items, timer, what)
 
         pos = enc(examples, "example")
         neg = enc(negatives, "negative") if negatives else None

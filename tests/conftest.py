@@ -27,6 +27,9 @@ GTSDB = Path(os.environ.get("GTSDB_DIR", REPO.parent / "shared" / "data" / "gtsd
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import logging as _logging
+
+_logging.getLogger("werkzeug").setLevel(_logging.WARNING)
 
 
 def free_port() -> int:

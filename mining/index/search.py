@@ -1,0 +1,191 @@
+"""Reading a published index version: :class:`PatchIndex` and :func:`open_index`."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc
+
+from mining.index import core, publish
+from mining.index.sizing import DEFAULT_K_FACTOR
+
+META_FILE = "meta.arrow"
+INDEX_FILE = "index.faiss"
+TRAINED_FILE = "trained.faiss"
+PARAMS_FILE = "params.json"
+VECTORS_FILE = "vectors.npy"
+
+META_COLUMNS = ("patch_id", "image_id", "image_uri", "shard", "date", "x0", "y0", "x1", "y1", "level")
+
+
+class PatchIndex:
+    """A searchable index version: FAISS index + patch metadata (+ exact vectors for re-rank).
+
+    Attributes:
+        version: version name ("" for an unpublished, in-memory index).
+        manifest: the version's manifest (kind, factory, n, dim, models, random_init, data_root,
+            shards, params, recall_at_publish, build_s, created_at, ...).
+        dim: vector dimension. ntotal: number of indexed vectors.
+        params: search parameters in use (nprobe / efSearch / k_factor).
+
+    Thread safety: :meth:`search` may be called from several threads (FAISS search is const;
+    parameters are set once at open, or under a lock by :meth:`set_params`).
+    """
+
+    def __init__(self, index: faiss.Index, meta: pa.Table, manifest: dict, params: dict | None = None,
+                 vectors: np.ndarray | None = None, version: str = "", path: str | None = None):
+        self.index = index
+        self._meta = meta
+        self.manifest = manifest
+        self.version = version
+        self.path = path
+        self.dim = int(index.d)
+        self.ntotal = int(index.ntotal)
+        self.kind = manifest.get("kind")
+        self._sorted_ids = np.asarray(meta.column("patch_id").to_numpy(), dtype=np.int64) if meta.num_rows else np.zeros(0, np.int64)
+        self._vectors = vectors
+        self._lock = threading.Lock()
+        self.params: dict = {}
+        self.set_params(params if params is not None else manifest.get("params", {}))
+
+    # ------------------------------------------------------------------ parameters
+    def set_params(self, params: dict) -> None:
+        """Set search parameters: ``nprobe`` (IVF), ``efSearch`` (HNSW), ``k_factor`` (re-rank depth)."""
+        with self._lock:
+            self.params = dict(params or {})
+            core.set_params(self.index, self.params)
+
+    # ------------------------------------------------------------------ search
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest patches by cosine similarity.
+
+        Args:
+            queries: (Q, D) float (a 1-D (D,) array is one query); normalised here.
+            k: results per query (> 0). When fewer than k vectors match, the tail is (-inf, -1).
+        Returns:
+            scores (Q, k) float32 cosine similarities, descending; patch_ids (Q, k) int64 (-1 = none).
+            ivfpq-refine scores are exact (re-ranked with the exact vectors); ivfpq/sq8 scores are
+            approximate (quantised vectors).
+        Raises:
+            ValueError: empty queries, wrong dimension (not ``self.dim``), NaN/inf or all-zero
+            rows, k <= 0 or not an integer.
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        k = int(k)
+        q = core.normalize(queries, dim=self.dim, what="queries")
+        if self.ntotal == 0:
+            return np.full((len(q), k), core.MISSING_SCORE, np.float32), np.full((len(q), k), -1, np.int64)
+        if self._vectors is not None and self.manifest.get("refine") == "store":
+            kf = int(self.params.get("k_factor", DEFAULT_K_FACTOR))
+            _, cand = self.index.search(q, min(self.ntotal, k * kf))
+            return core.rerank(q, cand, self._sorted_ids, self._vectors, k)
+        s, i = self.index.search(q, k)
+        s = s.astype(np.float32, copy=False)
+        s[i < 0] = core.MISSING_SCORE
+        return s, i.astype(np.int64, copy=False)
+
+    # ------------------------------------------------------------------ metadata
+    def metadata(self) -> pa.Table:
+        """patch_id -> metadata (patch_id, image_id, image_uri, shard, date, x0, y0, x1, y1, level),
+        sorted by patch_id, memory-mapped from ``meta.arrow`` (no embeddings)."""
+        return self._meta
+
+    def lookup(self, patch_ids) -> pa.Table:
+        """Metadata rows of ``patch_ids`` (in the given order; unknown ids and -1 are dropped)."""
+        ids = np.asarray(patch_ids, dtype=np.int64).reshape(-1)
+        rows = np.searchsorted(self._sorted_ids, ids)
+        rows = np.minimum(rows, max(0, len(self._sorted_ids) - 1))
+        ok = (ids >= 0) & (len(self._sorted_ids) > 0)
+        if len(self._sorted_ids):
+            ok &= self._sorted_ids[rows] == ids
+        return self._meta.take(pa.array(rows[ok]))
+
+    def reconstruct_exact(self, patch_ids) -> np.ndarray:
+        """Exact (normalised) float32 vectors of ``patch_ids``, shape (len, D).
+
+        From the version's float16 vector file (ivfpq-refine) when present, else read back from
+        the Parquet store (``manifest["data_root"]``), else reconstructed from a flat index.
+        Raises: KeyError for ids not in this version.
+        """
+        ids = np.asarray(patch_ids, dtype=np.int64).reshape(-1)
+        rows = np.searchsorted(self._sorted_ids, ids)
+        rows_c = np.minimum(rows, max(0, len(self._sorted_ids) - 1))
+        missing = (len(self._sorted_ids) == 0) | (self._sorted_ids[rows_c] != ids) if len(self._sorted_ids) else np.ones(len(ids), bool)
+        if np.any(missing):
+            raise KeyError(f"patch ids not in version {self.version}: {ids[missing][:5].tolist()}")
+        if self._vectors is not None:
+            v = np.asarray(self._vectors[rows_c], dtype=np.float32)
+        else:
+            v = self._from_store(ids)
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+    def _from_store(self, ids: np.ndarray) -> np.ndarray:
+        from mining.store import embeddings_from_arrow, open_patches
+
+        root = self.manifest.get("data_root")
+        if not root:
+            raise KeyError("this index has no data_root to read exact vectors from")
+        ds = open_patches(root)
+        t = ds.to_table(columns=["patch_id", "embedding"], filter=pc.field("patch_id").isin(pa.array(np.unique(ids))))
+        got = t.column("patch_id").to_numpy()
+        emb = embeddings_from_arrow(t.column("embedding"))
+        order = np.argsort(got)
+        pos = np.searchsorted(got[order], ids)
+        return emb[order][np.minimum(pos, len(got) - 1)]
+
+    def __repr__(self) -> str:
+        return f"PatchIndex(version={self.version!r}, kind={self.kind!r}, ntotal={self.ntotal}, dim={self.dim}, params={self.params})"
+
+
+def read_meta(path: str) -> pa.Table:
+    """Memory-map an Arrow IPC file (``meta.arrow``) as a Table."""
+    source = pa.memory_map(path, "r")
+    return pa.ipc.open_file(source).read_all()
+
+
+def write_meta(path: str, table: pa.Table) -> None:
+    """Write the metadata table as an Arrow IPC file (uncompressed, so it can be memory-mapped)."""
+    with pa.OSFile(path, "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table, max_chunksize=1 << 20)
+
+
+def read_index_file(vdir: str, manifest: dict) -> faiss.Index:
+    """Read ``index.faiss`` of a version dir; on-disk merged indexes with IO_FLAG_ONDISK_SAME_DIR
+    (IO_FLAG_MMAP segfaulted on search here, ../shared/NOTES.md)."""
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if manifest.get("ondisk") else 0
+    return faiss.read_index(os.path.join(vdir, INDEX_FILE), flags)
+
+
+def open_index(out_root: str, version: str | None = None) -> PatchIndex:
+    """Open a published version (the one ``CURRENT`` points to by default).
+
+    Args:
+        out_root: local index root. version: a name from :func:`list_versions`, or None.
+    Returns: a :class:`PatchIndex` (search parameters from params.json applied).
+    Raises:
+        FileNotFoundError: nothing published / no such version.
+    """
+    if version is None:
+        version = publish.current_version(out_root)
+        if version is None:
+            raise FileNotFoundError(f"no index published under {out_root!r} (no CURRENT file); run jobs.build_index")
+    vdir = publish.version_dir(out_root, version)
+    mpath = os.path.join(vdir, publish.MANIFEST)
+    if not os.path.isfile(mpath):
+        raise FileNotFoundError(f"no published version {version!r} under {out_root!r}")
+    with open(mpath) as f:
+        manifest = json.load(f)
+    with open(os.path.join(vdir, PARAMS_FILE)) as f:
+        params = json.load(f)
+    index = read_index_file(vdir, manifest)
+    meta = read_meta(os.path.join(vdir, META_FILE))
+    vpath = os.path.join(vdir, VECTORS_FILE)
+    vectors = np.load(vpath, mmap_mode="r") if os.path.exists(vpath) else None
+    return PatchIndex(index, meta, manifest, params, vectors, version=version, path=vdir)
