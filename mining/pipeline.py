@@ -248,6 +248,9 @@ class ShardMiner:
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
         t0 = time.perf_counter()
+        import resource
+
+        out.extra["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         out.extra["stage_s"] = {k: round(v, 4) for k, v in stage.items()}
         out.extra["wall_s"] = round(time.perf_counter() - t_start, 4)
         record = write_shard(root, out, commit=False)
@@ -387,6 +390,7 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
         print(f"mining {len(todo)} shards ({summary['shards_skipped']} already committed) with {n} actor(s) "
               f"on {infos[0]['device']}, model {infos[0]['model']}, batch {infos[0]['batch_size']}", flush=True)
 
+    t_mine = time.perf_counter()  # excludes actor start-up (model load)
     queue_: list[tuple[ShardRef, int]] = [(r, 1) for r in todo]
     running: dict = {}
     free = list(range(n))
@@ -440,8 +444,10 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
         ray.kill(a)
     wall = time.perf_counter() - t0
     summary["stage_s"] = {k: round(v, 3) for k, v in summary["stage_s"].items()}
+    mine_wall = time.perf_counter() - t_mine
     summary.update(wall_s=round(wall, 3), images_per_s=round(summary["images"] / wall, 3),
-                   patches_per_s=round(summary["patches"] / wall, 3))
+                   patches_per_s=round(summary["patches"] / wall, 3), startup_s=round(t_mine - t0, 3),
+                   mining_wall_s=round(mine_wall, 3), num_actors=n)
     return summary
 
 

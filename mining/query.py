@@ -76,6 +76,8 @@ holds ``query`` (JSON description), ``timings`` (JSON, milliseconds), ``index_ve
 and ``random_init``."""
 
 FILTER_NAMES = ("date_from", "date_to", "exclude_image_ids")
+EXACT_KINDS = frozenset({"flat", "hnsw", "ivfpq-refine", "ivf-flat", "ivfflat"})
+"""Index kinds whose search scores are already exact cosines (no automatic re-rank)."""
 MODES = ("mean", "max", "sum")
 
 
@@ -99,7 +101,8 @@ class QueryConfig:
             (intersection / area of the larger box). 0.0 = any overlap (thesis §3.3.1);
             None or >= 1 disables the dedup.
         overfetch: first search asks for ``max(k * overfetch, k + 32)`` candidates.
-        rerank: exact re-rank of the candidates; None = only for approximate indexes.
+        rerank: exact re-rank of the candidates; None = only for indexes whose scores are
+            approximate (kind not in :data:`EXACT_KINDS`, e.g. ivfpq, sq8).
         text_cache_size: entries of the LRU text-embedding cache (0 disables it).
         negative_weight: weight of negative examples (see module docstring).
         max_image_bytes: largest accepted encoded query image, bytes.
@@ -820,8 +823,10 @@ class QueryEngine:
         snap = self._snap  # pinned for the whole query: a reload does not affect it
         if Q.shape[1] != snap.dim:
             raise QueryError(f"query embedding dim {Q.shape[1]} != index dim {snap.dim}")
-        do_rerank = (snap.kind not in ("flat", "Flat", "IndexFlatIP")) if rerank is None and self.config.rerank is None \
-            else bool(self.config.rerank if rerank is None else rerank)
+        if rerank is None and self.config.rerank is None:
+            do_rerank = snap.kind not in EXACT_KINDS  # only indexes whose scores are approximate
+        else:
+            do_rerank = bool(self.config.rerank if rerank is None else rerank)
         max_ov = self.config.dedup_overlap if dedup else None
         Q = np.ascontiguousarray(Q, np.float32)
         n = snap.ntotal

@@ -74,7 +74,7 @@ def build_query_dataset(root: str, emb=None, n_images: int = N_IMAGES) -> QueryD
         write_shard(data, out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        build_index(data, index, kind="flat")
+        build_index(data, index, kind="flat", use_ray=False, verbose=False)
     E = np.concatenate(all_emb).astype(np.float16).astype(np.float32)
     E /= np.linalg.norm(E, axis=1, keepdims=True)
     return QueryData(root, data, index, images, E, rows)

@@ -168,7 +168,7 @@ def test_reload_during_query_stream_loses_none(served):
     write_shard(qd.data, out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        build_index(qd.data, qd.index, kind="flat")
+        build_index(qd.data, qd.index, kind="flat", use_ray=False, verbose=False)
 
     results, errors = [], []
     stop = threading.Event()

@@ -139,3 +139,78 @@ class ColourContrast(SaliencyBackend):
         centre = cv2.GaussianBlur(lab, (0, 0), max(self.centre_surround[0][0] * long_side, 0.5))
         acc += 0.5 * np.linalg.norm(centre - mean, axis=2)
         return normalize_map(cv2.resize(acc, (w, h), interpolation=cv2.INTER_LINEAR))
+
+
+def colour_rarity_map(image: np.ndarray, levels: int = 12, keep: float = 0.95) -> np.ndarray:
+    """Global colour-histogram contrast (Cheng et al., CVPR 2011, "HC"), unnormalised.
+
+    Colours are quantised to ``levels`` bins per RGB channel; the most frequent colours
+    covering ``keep`` of the pixels are kept and every other colour is merged into its
+    nearest kept colour (in Lab). The saliency of colour c is sum_j f_j * ||Lab(c) -
+    Lab(c_j)||: rare colours that differ from the frequent ones score high.
+
+    Args:
+        image: (h, w, 3) uint8 RGB.
+    Returns:
+        (h, w) float32 per-pixel saliency.
+    """
+    q = (image.astype(np.int32) * levels) // 256  # (h, w, 3) in [0, levels)
+    code = (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]
+    counts = np.bincount(code.ravel(), minlength=levels**3).astype(np.float64)
+    present = np.flatnonzero(counts)
+    order = present[np.argsort(-counts[present], kind="stable")]
+    cum = np.cumsum(counts[order]) / counts.sum()
+    n_keep = int(np.searchsorted(cum, keep) + 1)
+    n_keep = max(1, min(n_keep, len(order), 256))
+    kept, rest = order[:n_keep], order[n_keep:]
+    centres = np.stack([kept // (levels * levels), (kept // levels) % levels, kept % levels], 1)
+    centres = ((centres + 0.5) * (256.0 / levels)).astype(np.float32) / 255.0
+    lab_kept = cv2.cvtColor(centres[None], cv2.COLOR_RGB2Lab)[0]  # (K, 3)
+    freq = counts[kept].copy()
+    lut = np.zeros(levels**3, np.int64)
+    lut[kept] = np.arange(n_keep)
+    if len(rest):
+        rc = np.stack([rest // (levels * levels), (rest // levels) % levels, rest % levels], 1)
+        rc = ((rc + 0.5) * (256.0 / levels)).astype(np.float32) / 255.0
+        lab_rest = cv2.cvtColor(rc[None], cv2.COLOR_RGB2Lab)[0]
+        nearest = np.argmin(((lab_rest[:, None, :] - lab_kept[None]) ** 2).sum(-1), axis=1)
+        lut[rest] = nearest
+        np.add.at(freq, nearest, counts[rest])
+    freq /= freq.sum()
+    dist = np.sqrt(((lab_kept[:, None, :] - lab_kept[None]) ** 2).sum(-1))  # (K, K)
+    sal_c = dist @ freq  # (K,)
+    # smooth each colour's saliency with its 1/4 nearest colours (Cheng et al. §3.2)
+    m = max(1, n_keep // 4)
+    nn = np.argsort(dist, axis=1)[:, :m]
+    dnn = np.take_along_axis(dist, nn, 1)
+    t = dnn.sum(1, keepdims=True) + 1e-9
+    wts = (t - dnn) if m > 1 else np.ones_like(dnn)
+    sal_c = (wts * sal_c[nn]).sum(1) / np.maximum(wts.sum(1), 1e-9)
+    return sal_c[lut[code]].astype(np.float32)
+
+
+@register_backend("colour-rarity")
+class ColourRarity(SaliencyBackend):
+    """Global colour-histogram contrast (Cheng et al. 2011 "HC"): rare colours are salient.
+
+    Computed at a working resolution whose longer side is ``work_size`` pixels, smoothed
+    with a Gaussian of ``blur_frac * work_size`` px, normalised to [0, 1].
+    """
+
+    weight_free = True
+
+    def __init__(self, work_size: int = 256, levels: int = 12, blur_frac: float = 0.01):
+        self.work_size = int(work_size)
+        self.levels = int(levels)
+        self.blur_frac = float(blur_frac)
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        check_image(image)
+        h, w = image.shape[:2]
+        if min(h, w) < 8:
+            return np.zeros((h, w), np.float32)
+        small = _resize_long(image, min(self.work_size, max(h, w)))
+        m = colour_rarity_map(small, self.levels)
+        if self.blur_frac > 0:
+            m = cv2.GaussianBlur(m, (0, 0), max(self.blur_frac * max(m.shape), 0.5))
+        return normalize_map(cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR))
