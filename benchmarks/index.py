@@ -190,6 +190,8 @@ def build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
         nt = min(n, args.opq_train)
         with core.Timer() as t:
             idx = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+            opq = faiss.downcast_VectorTransform(faiss.downcast_index(idx.index).chain.at(0))
+            opq.niter = core.OPQ_NITER  # same OPQ iterations as our ivfpq rows
             idx.train(x[np.sort(rng.choice(n, nt, replace=False))])
             core.add_vectors(idx, x, ids)
         yield Row("thesis OPQ64_128,PQ64 (exhaustive)", "pq", factory, idx, faiss_search(idx, {}), t.s,
@@ -245,7 +247,10 @@ def main(argv=None):
     ap.add_argument("--recall-target", type=float, default=0.95)
     ap.add_argument("--opq-train", type=int, default=20_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="OpenMP threads for faiss (0: faiss default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     x, q, data_desc = load_data(args)

@@ -75,44 +75,33 @@ def _du(uri: str) -> int | None:
 
 
 def index_summary(index_root: str) -> dict:
-    """Current version and size of the index under ``index_root`` (via ``mining.index``).
+    """Current version and size of the index under ``index_root``, from its manifest only
+    (the FAISS index itself is not loaded: this is cheap even for a large index).
 
     Returns:
-        {"root", "version", "vectors", "kind", "dim", "bytes", "versions"}; ``version`` is None
-        (with an "error" entry) when there is no index yet.
+        {"root", "version", "vectors", "kind", "dim", "bytes" (of the current version's
+        directory), "versions" (published versions kept), "built_at"}; ``version`` is None,
+        with an "error" entry, when nothing is published there yet.
+    Raises:
+        ValueError: ``index_root`` is not a local path (index roots are local directories,
+        shared between nodes through a common mount; see docs/cluster.md).
     """
-    from mining.fs import join
+    from mining.index import current_version, list_versions
+    from mining.index.publish import read_manifest, version_dir
 
     out: dict[str, Any] = {"root": index_root, "version": None}
-    try:
-        from mining.index import list_versions, open_index
-    except ImportError as e:  # index module not installed on this cluster
-        out["error"] = f"mining.index unavailable: {e}"
+    version = current_version(index_root)
+    if version is None:
+        out["error"] = f"no index published under {index_root} (no CURRENT file)"
         return out
     try:
-        idx = open_index(index_root)
-    except (FileNotFoundError, KeyError) as e:
-        out["error"] = f"no index at {index_root}: {e}"
+        manifest = read_manifest(index_root, version)
+    except FileNotFoundError as e:
+        out["error"] = f"CURRENT names {version!r} but it has no manifest: {e}"
         return out
-    manifest = dict(getattr(idx, "manifest", {}) or {})
-    out["version"] = str(getattr(idx, "version", "") or manifest.get("version") or "")
-    vectors = manifest.get("n")
-    if vectors is None:
-        vectors = getattr(idx, "ntotal", None)
-    out["vectors"] = int(vectors) if vectors is not None else None
-    out["kind"] = manifest.get("kind")
-    out["dim"] = manifest.get("dim", getattr(idx, "dim", None))
-    try:
-        out["versions"] = len(list(list_versions(index_root)))
-    except Exception:
-        out["versions"] = None
-    size = None
-    for cand in (join(index_root, out["version"]), join(index_root, "versions", out["version"])):
-        if out["version"]:
-            size = _du(cand)
-            if size is not None:
-                break
-    out["bytes"] = size if size is not None else _du(index_root)
+    out.update(version=version, vectors=manifest.get("n"), kind=manifest.get("kind"), dim=manifest.get("dim"),
+               built_at=manifest.get("created_at"), random_init=bool(manifest.get("random_init")),
+               versions=len(list_versions(index_root)), bytes=_du(version_dir(index_root, version)))
     return out
 
 
@@ -218,7 +207,10 @@ def format_status(st: dict) -> str:
             lines.append(f"  no index: {ix.get('error', 'unknown')}")
         else:
             lines.append(f"  version {ix['version']}: {ix.get('vectors')} vectors, kind {ix.get('kind')}, "
-                         f"dim {ix.get('dim')}, {_fmt_bytes(ix.get('bytes'))}, {ix.get('versions')} version(s) kept")
+                         f"dim {ix.get('dim')}, {_fmt_bytes(ix.get('bytes'))} on disk, built {ix.get('built_at')}, "
+                         f"{ix.get('versions')} version(s) kept")
+            if ix.get("random_init"):
+                lines.append("  WARNING: built from RANDOMLY INITIALISED CLIP embeddings (smoke run): not semantic")
     qa = st.get("query_actor", {})
     if not qa.get("running"):
         lines.append(f"query actor: {qa.get('detail', 'not running')}")

@@ -305,11 +305,11 @@ def read_ledger(root: str, *, statuses: Iterable[str] | None = ("committed",)) -
     if not fs.exists(path):
         return []
     out = []
-    for p in sorted(fs.ls(path, detail=False)):
-        if not p.endswith(".json"):
-            continue
-        with fs.open(p, "rb") as f:
-            rec = json.loads(f.read())
+    paths = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json"))
+    # one concurrent multi-GET on s3fs (a sequential HEAD+GET per record costs ~45 ms each on S3)
+    blobs = fs.cat(paths) if paths else {}
+    for p in paths:
+        rec = json.loads(blobs[p])
         if statuses is None or rec.get("status") in statuses:
             out.append(rec)
     out.sort(key=lambda r: (r["date"], r["shard"]))

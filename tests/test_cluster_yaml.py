@@ -29,6 +29,7 @@ ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 PRIVATE_PORTS = (6379, 8265, 10001)
+SHARED_MOUNT = "/mnt/fleet"
 GPU_FAMILIES = ("g4dn", "g5", "g6", "g6e", "gr6", "p3", "p4d", "p4de", "p5", "p5e", "p5en")
 
 
@@ -212,9 +213,27 @@ def test_nodes_pin_the_clients_ray_and_python(cfg):
     assert any("pinned version" in v for v in version_violations(bad, ray.__version__, sys.version_info[:2]))
 
 
+def shared_mount_violations(cfg: dict) -> list[str]:
+    """The index root is a local directory that head and workers must share: it must be a host
+    mount (initialization_commands) passed into the containers at the same path."""
+    out = []
+    if not any(f"-v {SHARED_MOUNT}:{SHARED_MOUNT}" in o for o in cfg.get("docker", {}).get("run_options", [])):
+        out.append(f"docker run_options do not pass {SHARED_MOUNT} into the containers")
+    if not any(re.search(rf"mount -t nfs4 .* {re.escape(SHARED_MOUNT)}\b", c) for c in cfg.get("initialization_commands", [])):
+        out.append(f"initialization_commands do not mount a shared file system at {SHARED_MOUNT}")
+    return out
+
+
+def test_index_directory_is_shared_by_all_nodes(cfg):
+    assert shared_mount_violations(cfg) == []
+    bad = copy.deepcopy(cfg)
+    bad["docker"]["run_options"] = [o for o in bad["docker"]["run_options"] if SHARED_MOUNT not in o]
+    assert shared_mount_violations(bad)
+
+
 def test_change_me_placeholders_are_marked(cfg):
     raw = CLUSTER_YAML.read_text()
-    for placeholder in ("ami-CHANGE-ME", "sg-CHANGE-ME", "CHANGE-ME-org/fleet-mining"):
+    for placeholder in ("ami-CHANGE-ME", "sg-CHANGE-ME", "fs-CHANGE-ME", "CHANGE-ME-org/fleet-mining"):
         assert placeholder in raw
 
 
@@ -240,7 +259,8 @@ def test_crontab_example_submits_the_night_once_per_day():
     argv = shlex.split(fields[5].split(">>")[0])
     args, extra = _submit_args(argv)
     assert args.no_working_dir and args.address == "http://127.0.0.1:8265"
-    assert args.input.startswith("s3://") and args.output.startswith("s3://") and args.index.startswith("s3://")
+    assert args.input.startswith("s3://") and args.output.startswith("s3://")
+    assert args.index.startswith(SHARED_MOUNT + "/")  # a local dir every node sees (see the next test)
     assert args.date is None  # submit_nightly derives nightly-<UTC date> itself
     assert extra == ["--clip-model", "ViT-B-16"]
 

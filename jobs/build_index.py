@@ -1,0 +1,75 @@
+"""Build (or nightly-update) the patch index: ``python -m jobs.build_index --data <root> --out <index root>``.
+
+Thin wrapper: parse arguments, connect to Ray, call :func:`mining.index.build_index` (or
+:func:`mining.index.update_index` with ``--update``), print a summary; the last line is the
+manifest as JSON.
+
+Examples::
+
+    python -m jobs.build_index --data /tmp/gtsdb_mined --out /tmp/gtsdb_index            # auto kind
+    python -m jobs.build_index --data s3://bucket/mined --out /srv/index --kind ivfpq-refine \\
+        --memory-budget 8GiB --recall-target 0.95 --address ray://head:10001
+    python -m jobs.build_index --data ... --out ... --update     # nightly: add new shards / retrain
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Build the FAISS patch index from the committed shards of a mining store.")
+    ap.add_argument("--data", required=True, help="mining store root (local path or s3://...)")
+    ap.add_argument("--out", required=True, help="index root (local directory): versions/<v>/ + CURRENT")
+    ap.add_argument("--kind", default=None, choices=["auto", "flat", "hnsw", "ivfpq", "ivfpq-refine", "sq8"])
+    ap.add_argument("--memory-budget", default=None, help="resident memory budget of the index, e.g. 8GiB, 500MB")
+    ap.add_argument("--recall-target", type=float, default=0.95, help="recall@16 vs exact search to tune for")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parts", type=int, default=None, help="parallel add parts (default: Ray cluster CPUs)")
+    ap.add_argument("--merge", default="auto", choices=["auto", "memory", "ondisk"])
+    ap.add_argument("--update", action="store_true", help="nightly: add new shards with frozen codebooks (or retrain)")
+    ap.add_argument("--address", default=None, help="Ray address (ray://host:10001 or host:6379); default: local ray.init()")
+    ap.add_argument("--no-ray", action="store_true", help="run the add parts in this process")
+    args = ap.parse_args(argv)
+
+    from mining.index import build_index, parse_bytes, update_index
+
+    use_ray = False
+    if not args.no_ray:
+        # token auth explicit (../shared/NOTES.md): a bare local ray.init() may enable it and write ~/.ray
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        import ray
+
+        if args.address:
+            ray.init(address=args.address)
+        else:
+            ray.init(include_dashboard=False)
+        use_ray = True
+    budget = parse_bytes(args.memory_budget)
+    if args.update:
+        kw = {"kind": args.kind} if args.kind else {}  # else: the kind the current version was requested with
+        if budget is not None:
+            kw["memory_budget_bytes"] = budget
+        m = update_index(args.data, args.out, use_ray=use_ray, n_parts=args.parts, seed=args.seed,
+                         recall_target=args.recall_target, **kw)
+    else:
+        m = build_index(args.data, args.out, kind=args.kind or "auto", memory_budget_bytes=budget,
+                        recall_target=args.recall_target, seed=args.seed, use_ray=use_ray,
+                        n_parts=args.parts, merge=args.merge)
+    if m.get("random_init"):
+        print("WARNING: this index holds embeddings from RANDOMLY INITIALISED CLIP weights: results are not semantic",
+              file=sys.stderr)
+    print(f"index version {m['version']} ({'new' if m.get('changed') else 'unchanged'}): kind={m['kind']} "
+          f"factory={m['factory']} n={m['n']} dim={m['dim']} params={m['params']} "
+          f"recall@{m.get('recall_k', 16)}={m['recall_at_publish']} {m['bytes_per_vector']} B/vector "
+          f"build {m['build_s']} s retrained={m.get('retrained')}")
+    summary = {k: m.get(k) for k in ("version", "changed", "kind", "factory", "n", "dim", "params", "recall_at_publish",
+                                     "bytes_per_vector", "build_s", "retrained", "random_init", "models")}
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

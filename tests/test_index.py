@@ -1,0 +1,275 @@
+"""Tests of the reduce stage (issue 6): sizing, parallel build + merge, nightly add, retrain,
+atomic publish, search errors. Real FAISS, real Parquet shards written with mining.store."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import faiss
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import mining.index as mi  # noqa: E402
+from mining.index import build as ib  # noqa: E402
+from mining.index import core, publish, sizing  # noqa: E402
+from mining.index.search import TRAINED_FILE  # noqa: E402
+from mining.store import embeddings_from_arrow, open_patches, read_ledger  # noqa: E402
+from index_helpers import DIM, mixture, write_store  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2 shared cores: OpenMP spin-waiting with more threads than free cores is very slow
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def store3(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("store3") / "data")
+    write_store(root, 3, 500)
+    return root
+
+
+def all_vectors(root):
+    t = open_patches(root).to_table(columns=["patch_id", "embedding"])
+    # open_patches reads the shards in ledger order, which is the build's add order
+    return core.normalize(embeddings_from_arrow(t.column("embedding"))), t.column("patch_id").to_numpy()
+
+
+# --------------------------------------------------------------------------- sizing
+
+def test_sizing_rules():
+    assert sizing.choose_nlist(1_000_000) == 4096  # 4*sqrt(1e6) = 4000 -> 4096
+    assert sizing.choose_nlist(200_000) == 2048
+    assert sizing.choose_nlist(3000) == 64  # 4*sqrt(3000)=219 -> 256, cut to >= 39 points per centroid
+    for n in (100, 3000, 50_000, 200_000, 1_000_000, 30_000_000):
+        p = sizing.plan_index(n, 512, "ivfpq-refine")
+        assert p.nlist & (p.nlist - 1) == 0, "nlist is a power of two"
+        assert p.n_train >= sizing.MIN_POINTS_PER_CENTROID * p.nlist, "k-means gets >= 39 points per centroid"
+        assert p.n_train <= n
+        if p.opq_dout:
+            assert p.opq_dout % p.pq_m == 0, "OPQ output dim divides evenly by M"
+            assert p.factory.startswith(f"OPQ{p.pq_m}_{p.opq_dout},IVF{p.nlist},PQ{p.pq_m}")
+    big = sizing.plan_index(1_000_000, 512, "ivfpq-refine")
+    assert big.factory == "OPQ64_256,IVF4096,PQ64x8" and big.bytes_per_vector <= 80
+    # the auto rule: tiny -> flat; budget too small for flat -> sq8; large -> ivfpq-refine
+    assert sizing.choose_kind(100, 512) == "flat"
+    assert sizing.choose_kind(10_000, 512) == "flat"
+    assert sizing.choose_kind(10_000, 512, memory_budget_bytes=10_000 * 700) == "sq8"
+    assert sizing.choose_kind(10_000, 512, memory_budget_bytes=10_000 * 100) == "ivfpq"
+    assert sizing.choose_kind(2_000_000, 512) == "ivfpq-refine"
+    # budget decides M
+    assert sizing.plan_index(2_000_000, 512, memory_budget_bytes=2_000_000 * 30).pq_m == 16
+    with pytest.raises(ValueError):
+        sizing.plan_index(2_000_000, 512, memory_budget_bytes=2_000_000 * 5)
+    with pytest.raises(ValueError):
+        sizing.plan_index(10, 512, "ivfpq")  # too few to train
+    with pytest.raises(ValueError):
+        sizing.plan_index(10, 512, "nope")
+    assert sizing.parse_bytes("8GiB") == 8 << 30 and sizing.parse_bytes("500MB") == 500_000_000
+    # every auto-chosen tiny plan trains: each factory string builds in FAISS
+    for n in (100, 3000, 20_000):
+        p = sizing.plan_index(n, DIM, "ivfpq")
+        faiss.index_factory(DIM, p.factory, faiss.METRIC_INNER_PRODUCT)
+
+
+def test_sampling_is_uniform_across_shards(tmp_path):
+    root = str(tmp_path / "data")
+    write_store(root, 4, 200)
+    recs = ib._records(root)
+    x = mi.sample_vectors(root, recs, 400, seed=3)
+    allx, _ = all_vectors(root)
+    # each sampled vector comes from the store, and every shard contributes (not the first N rows)
+    sims = x @ allx.T
+    src = sims.argmax(1)
+    assert np.allclose(sims.max(1), 1.0, atol=1e-3)
+    per_shard = np.bincount(src // 200, minlength=4)
+    assert per_shard.min() > 60, per_shard
+
+
+# --------------------------------------------------------------------------- build / merge
+
+def test_three_parts_merged_equal_one_go(store3, tmp_path):
+    out = str(tmp_path / "idx")
+    m = mi.build_index(store3, out, kind="ivfpq", use_ray=False, n_parts=3, verbose=False)
+    assert m["n_parts"] == 3 and m["n"] == 1500
+    ix = mi.open_index(out)
+    # one go: the same trained (empty) index, all vectors added at once in ledger order
+    one = faiss.read_index(os.path.join(ix.path, TRAINED_FILE))
+    x, ids = all_vectors(store3)
+    one.add_with_ids(x, ids.astype(np.int64))
+    core.set_params(one, m["params"])
+    q = mixture().sample(50, seed=77)
+    s1, i1 = one.search(core.normalize(q), 10)
+    s3, i3 = ix.search(q, 10)
+    np.testing.assert_array_equal(i3, i1)
+    np.testing.assert_allclose(s3, s1, rtol=1e-5, atol=1e-6)
+    # and the same holds for the on-disk merge
+    out2 = str(tmp_path / "idx_ondisk")
+    m2 = mi.build_index(store3, out2, kind="ivfpq", use_ray=False, n_parts=3, merge="ondisk", verbose=False)
+    assert m2["ondisk"] and os.path.exists(os.path.join(out2, "versions", m2["version"], "merged.ivfdata"))
+    ix2 = mi.open_index(out2)
+    ix2.set_params(m["params"])
+    s2, i2 = ix2.search(q, 10)
+    np.testing.assert_array_equal(i2, i1)
+
+
+def test_flat_parts_and_metadata(store3, tmp_path):
+    out = str(tmp_path / "idx")
+    m = mi.build_index(store3, out, use_ray=False, n_parts=3, verbose=False)  # auto -> flat (tiny)
+    assert m["kind"] == "flat" and m["recall_at_publish"] == 1.0
+    ix = mi.open_index(out)
+    x, ids = all_vectors(store3)
+    s, i = ix.search(x[:5], 3)
+    np.testing.assert_array_equal(i[:, 0], ids[:5])  # each vector finds itself first
+    assert np.allclose(s[:, 0], 1.0, atol=1e-3)
+    meta = ix.metadata()
+    assert meta.num_rows == 1500 and "embedding" not in meta.column_names
+    pid = meta.column("patch_id").to_numpy()
+    assert np.all(np.diff(pid) > 0), "meta.arrow is sorted by patch_id"
+    assert sorted(m["shards"]) == sorted(r["shard"] for r in read_ledger(store3))
+    np.testing.assert_allclose(ix.reconstruct_exact(ids[:3]), x[:3], atol=2e-3)  # from the Parquet store
+    row = ix.lookup([ids[0]]).to_pylist()[0]
+    assert row["patch_id"] == ids[0] and row["image_uri"].endswith(".jpg")
+
+
+def test_refine_beats_plain_pq(store3, tmp_path):
+    m = mi.build_index(store3, str(tmp_path / "r"), kind="ivfpq-refine", use_ray=False, verbose=False)
+    assert m["recall_at_publish"] >= 0.95 and m["params"].get("k_factor")
+    ix = mi.open_index(str(tmp_path / "r"))
+    x, ids = all_vectors(store3)
+    s, i = ix.search(x[:20], 5)
+    assert np.mean(i[:, 0] == ids[:20]) >= 0.95
+    np.testing.assert_allclose(s[:, 0], 1.0, atol=2e-3)  # exact (re-ranked) cosine, not PQ scores
+    np.testing.assert_allclose(ix.reconstruct_exact(ids[:4]), x[:4], atol=2e-3)
+
+
+# --------------------------------------------------------------------------- nightly
+
+def test_incremental_add_with_frozen_codebooks(tmp_path):
+    data, out = str(tmp_path / "data"), str(tmp_path / "idx")
+    write_store(data, 3, 500)
+    m1 = mi.build_index(data, out, kind="ivfpq-refine", use_ray=False, verbose=False)
+    assert mi.update_index(data, out, verbose=False)["changed"] is False  # nothing new: no-op
+    assert mi.list_versions(out) == [m1["version"]]
+    new = write_store(data, 1, 400, date="2026-11-21", seed=9)  # same distribution, 1.27x growth
+    m2 = mi.update_index(data, out, use_ray=False, verbose=False)
+    assert m2["changed"] and m2["retrained"] is None
+    assert m2["trained_version"] == m1["version"] != m2["version"], "codebooks frozen"
+    assert m2["n"] == 1900 and len(m2["shards"]) == 4 and m2["parent_version"] == m1["version"]
+    cur = mi.open_index(out)
+    assert cur.version == m2["version"]
+    t1 = faiss.read_index(os.path.join(publish.version_dir(out, m1["version"]), TRAINED_FILE))
+    t2 = faiss.read_index(os.path.join(cur.path, TRAINED_FILE))
+    np.testing.assert_array_equal(faiss.serialize_index(t1), faiss.serialize_index(t2))
+    newids = open_patches(data, dates=["2026-11-21"]).to_table(columns=["patch_id"]).column("patch_id").to_numpy()
+    s, i = cur.search(new[:10], 1)
+    assert np.mean(np.isin(i[:, 0], newids)) >= 0.9, "new patches are searchable"
+    old = mi.open_index(out, m1["version"])  # the old version stays readable until dropped
+    assert old.ntotal == 1500
+    s, i = old.search(new[:10], 1)
+    assert not np.isin(i[:, 0], newids).any()
+    mi.drop_version(out, m1["version"])
+    assert mi.list_versions(out) == [m2["version"]]
+    with pytest.raises(ValueError):
+        mi.drop_version(out, m2["version"])  # the serving version cannot be dropped
+
+
+def test_retrain_on_growth(tmp_path):
+    data, out = str(tmp_path / "data"), str(tmp_path / "idx")
+    write_store(data, 1, 100)
+    m1 = mi.build_index(data, out, use_ray=False, verbose=False)
+    assert m1["kind"] == "flat" and m1["n_trained"] == 100
+    write_store(data, 2, 100, date="2026-11-21", seed=4)  # 300 < 4 x 100: plain add
+    m2 = mi.update_index(data, out, use_ray=False, verbose=False)
+    assert m2["retrained"] is None and m2["n"] == 300
+    write_store(data, 1, 100, date="2026-11-22", seed=5)  # 400 >= 4 x 100: retrain
+    m3 = mi.update_index(data, out, use_ray=False, verbose=False)
+    assert m3["retrained"] == "growth" and m3["trained_version"] == m3["version"] and m3["n_trained"] == 400
+    assert mi.list_versions(out) == [m1["version"], m2["version"], m3["version"]]
+
+
+def test_retrain_on_quantization_drift(tmp_path):
+    data, out = str(tmp_path / "data"), str(tmp_path / "idx")
+    write_store(data, 3, 500)
+    m1 = mi.build_index(data, out, kind="ivfpq", use_ray=False, verbose=False)
+    assert m1["quant_error"] > 0
+    # a small night of patches from a different distribution (new camera / model): drift, not growth
+    write_store(data, 1, 300, date="2026-11-21", seed=8, mix=mixture(seed=123, n_clusters=5, common=0.0))
+    m2 = mi.update_index(data, out, use_ray=False, verbose=False)
+    assert m2["retrained"] == "drift", (m2.get("drift_quant_error"), m1["quant_error"])
+    assert m2["drift_quant_error"] > ib.DRIFT_RATIO * m1["quant_error"]
+    assert m2["trained_version"] == m2["version"] and m2["n"] == 1800
+
+
+# --------------------------------------------------------------------------- atomic publish
+
+def test_crash_mid_publish_keeps_previous_version(store3, tmp_path, monkeypatch):
+    out = str(tmp_path / "idx")
+    m1 = mi.build_index(store3, out, kind="flat", use_ray=False, verbose=False)
+
+    # crash 1: while writing the version's files (after index.faiss, before meta/manifest)
+    def boom(*a, **k):
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(ib.publish, "write_json_atomic", boom)
+    with pytest.raises(RuntimeError):
+        mi.build_index(store3, out, kind="sq8", use_ray=False, verbose=False)
+    monkeypatch.undo()
+    assert publish.current_version(out) == m1["version"]
+    assert mi.list_versions(out) == [m1["version"]]
+    assert not [d for d in os.listdir(os.path.join(out, "versions")) if d.startswith(".staging")]
+
+    # crash 2: after the version dir is complete, before CURRENT is swapped
+    monkeypatch.setattr(publish, "_replace_current", boom)
+    with pytest.raises(RuntimeError):
+        mi.build_index(store3, out, kind="sq8", use_ray=False, verbose=False)
+    monkeypatch.undo()
+    ix = mi.open_index(out)
+    assert ix.version == m1["version"] and ix.kind == "flat"
+    assert ix.search(mixture().sample(2, seed=5), 3)[1].shape == (2, 3)
+    with open(os.path.join(out, "CURRENT")) as f:
+        assert f.read().strip() == m1["version"]
+
+
+# --------------------------------------------------------------------------- errors
+
+def test_search_errors(store3, tmp_path):
+    out = str(tmp_path / "idx")
+    with pytest.raises(FileNotFoundError):
+        mi.open_index(out)
+    mi.build_index(store3, out, kind="flat", use_ray=False, verbose=False)
+    ix = mi.open_index(out)
+    with pytest.raises(ValueError, match="empty"):
+        ix.search(np.zeros((0, DIM), np.float32), 5)
+    with pytest.raises(ValueError, match="dimension"):
+        ix.search(np.ones((2, DIM + 1), np.float32), 5)
+    with pytest.raises(ValueError, match="k must be"):
+        ix.search(np.ones((1, DIM), np.float32), 0)
+    with pytest.raises(ValueError, match="NaN"):
+        ix.search(np.full((1, DIM), np.nan, np.float32), 3)
+    with pytest.raises(ValueError, match="zero"):
+        ix.search(np.zeros((1, DIM), np.float32), 3)
+    s, i = ix.search(np.ones(DIM, np.float32), 2000)  # 1-D = one query; k > N pads with -1
+    assert s.shape == (1, 2000) and i.dtype == np.int64 and s.dtype == np.float32
+    assert (i[0, 1500:] == -1).all() and np.isneginf(s[0, 1500:]).all()
+    with pytest.raises(FileNotFoundError):
+        mi.open_index(out, "20990101T000000000000Z-000000")
+    with pytest.raises(FileNotFoundError):
+        mi.build_index(str(tmp_path / "nothing"), out, use_ray=False, verbose=False)
+
+
+def test_random_init_warning(tmp_path):
+    data, out = str(tmp_path / "data"), str(tmp_path / "idx")
+    write_store(data, 1, 50, random_init=True)
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
+        m = mi.build_index(data, out, use_ray=False, verbose=False)
+    assert m["random_init"] is True
+    with open(os.path.join(out, "versions", m["version"], "manifest.json")) as f:
+        assert json.load(f)["random_init"] is True
