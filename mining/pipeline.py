@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from mining.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from mining.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_image_device
 from mining.shards import ShardRef, iter_shard, list_shards
 from mining.store import ShardOutput, committed_shards, make_image_id, make_patch_id, read_ledger, shard_key, write_shard
 
@@ -176,12 +176,20 @@ class ShardMiner:
             finally:
                 q.put(None)
 
+        on_gpu = self.device.type == "cuda"
+
         def decode(rec):
+            """-> (record, (H, W, 3) uint8 numpy frame, device tensor (3, H, W) or None, error, seconds)."""
             t0 = time.perf_counter()
             try:
-                return rec, decode_image(rec.data, max_pixels=cfg.max_pixels), None, time.perf_counter() - t0
+                if on_gpu:
+                    # nvJPEG on the device (EXIF applied); the selector gets a host copy, the crops
+                    # are cut from the device-resident frame (no second upload)
+                    dev = decode_image_device(rec.data, self.device, max_pixels=cfg.max_pixels)
+                    return rec, dev.permute(1, 2, 0).cpu().numpy(), dev, None, time.perf_counter() - t0
+                return rec, decode_image(rec.data, max_pixels=cfg.max_pixels), None, None, time.perf_counter() - t0
             except DecodeError as e:
-                return rec, None, e.reason, time.perf_counter() - t0
+                return rec, None, None, e.reason, time.perf_counter() - t0
 
         rt = threading.Thread(target=reader, name=f"read-{ref.uri[-20:]}", daemon=True)
         rt.start()
@@ -228,13 +236,13 @@ class ShardMiner:
                     break
                 t0 = time.perf_counter()
                 fut = inflight.pop(0)
-                rec, image, err, dec_s = fut.result()
+                rec, image, dev_image, err, dec_s = fut.result()
                 stage["decode"] += dec_s
                 if err is not None:
                     out.add_error(rec.image_uri, "decode", err)
                     out.images.append(self._image_row(rec, None, 0, "error", err))
                     continue
-                self._mine_frame(rec, image, out, stage, pending_px, pending_rows)
+                self._mine_frame(rec, image, out, stage, pending_px, pending_rows, dev_image)
                 n_pending = sum(len(r) for r in pending_rows)
                 if n_pending >= self.batch_size:
                     flush()
@@ -270,7 +278,8 @@ class ShardMiner:
                     reason=reason or "", metadata=json.dumps(rec.metadata or {}, sort_keys=True, default=str),
                     run_id=self.cfg.run_id)
 
-    def _mine_frame(self, rec, image: np.ndarray, out: ShardOutput, stage: dict, pending_px: list, pending_rows: list) -> None:
+    def _mine_frame(self, rec, image: np.ndarray, out: ShardOutput, stage: dict, pending_px: list, pending_rows: list,
+                    dev_image=None) -> None:
         import torch
 
         t0 = time.perf_counter()
@@ -286,7 +295,12 @@ class ShardMiner:
         t0 = time.perf_counter()
         image_id = make_image_id(rec.image_uri)
         boxes = np.asarray(sel.boxes, dtype=np.int64).reshape(-1, 4)
-        t = torch.from_numpy(image).permute(2, 0, 1)
+        if dev_image is not None:
+            t = dev_image
+        else:
+            t = torch.from_numpy(image).permute(2, 0, 1)
+            if self.device.type == "cuda":
+                t = t.pin_memory()  # async host->device copy overlapping the previous batch's compute
         px = self.embedder.crops_from_image(t, boxes)
         stage["embed"] += time.perf_counter() - t0
         rows = []
