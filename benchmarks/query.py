@@ -112,7 +112,7 @@ class SyntheticIndex:
             b = min(chunk, n - s)
             lab = rng.choice(nlist, size=b, p=w).astype(np.int64)
             x = centers[lab] + 0.8 * rng.standard_normal((b, dim), dtype=np.float32) / np.sqrt(dim)
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
             ids = np.arange(s, s + b, dtype=np.int64)
             order = np.argsort(lab, kind="stable")
             lab_s, ids_s = lab[order], np.ascontiguousarray(ids[order])
@@ -210,9 +210,9 @@ def main() -> int:
     ap.add_argument("--clip-model", default="ViT-B-16", help="CLIP towers (random weights); its dim sets the index dim")
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--clients", default="1,8")
-    ap.add_argument("--text-queries", type=int, default=60)
-    ap.add_argument("--image-queries", type=int, default=16)
-    ap.add_argument("--example-queries", type=int, default=6)
+    ap.add_argument("--text-queries", type=int, default=30)
+    ap.add_argument("--image-queries", type=int, default=10)
+    ap.add_argument("--example-queries", type=int, default=4)
     ap.add_argument("--embedding-queries", type=int, default=400)
     ap.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "gtsdb" / "images"))
     ap.add_argument("--cache-dir", default="/tmp/mining-query-bench")
@@ -244,6 +244,20 @@ def main() -> int:
     snap = engine.snapshot
     print(f"index: {snap.ntotal} vectors, dim {snap.dim}, {desc}; engine ready in {time.perf_counter() - t0:.1f} s; "
           f"CLIP {emb.model_id} on {emb.device}, torch threads {torch.get_num_threads()}", flush=True)
+
+    if not args.index:  # recall of the synthetic IVF search against exact search, 20 queries
+        qs = idx.sample_queries(20, seed=99)
+        _, got = idx.search(qs, k)
+        best = np.full((20, k), -np.inf, np.float32)
+        best_i = np.full((20, k), -1, np.int64)
+        for s0 in range(0, idx.ntotal, 131_072):
+            ids = np.arange(s0, min(idx.ntotal, s0 + 131_072))
+            sc = qs @ idx.reconstruct_exact(ids).T
+            cat_s, cat_i = np.concatenate([best, sc], 1), np.concatenate([best_i, np.broadcast_to(ids, sc.shape)], 1)
+            top = np.argsort(-cat_s, axis=1)[:, :k]
+            best, best_i = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
+        desc["recall_at_k"] = round(float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, best_i)])), 3)
+        print(f"search recall@{k} vs exact (20 queries): {desc['recall_at_k']}", flush=True)
 
     rng = np.random.default_rng(args.seed)
     texts = [f"a {o} {c}" for o in OBJECTS for c in CONDITIONS]

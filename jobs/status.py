@@ -1,6 +1,6 @@
 """What the cluster has mined, what the index holds, and whether the query actor is up.
 
-    python -m jobs.status --address ray://127.0.0.1:10001 --data s3://fleet/mined --index s3://fleet/index
+    python -m jobs.status --address ray://127.0.0.1:10001 --data s3://fleet/mined --index /mnt/fleet/index
     python -m jobs.status --address http://127.0.0.1:8265 --data ... --index ...   # as a Ray job
     python -m jobs.status --data ... --index ...     # inside a submitted job / on the head (RAY_ADDRESS)
 

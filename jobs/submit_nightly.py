@@ -1,8 +1,8 @@
 """Submit the nightly mining run as a Ray job, at most once per night.
 
     python -m jobs.submit_nightly --address http://127.0.0.1:8265 \\
-        --input s3://fleet/raw/ --output s3://fleet/mined --index s3://fleet/index \\
-        [--date YYYY-MM-DD] [--wait] [-- <extra jobs.nightly args, e.g. --query-actor>]
+        --input s3://fleet/raw/ --output s3://fleet/mined --index /mnt/fleet/index \\
+        [--date YYYY-MM-DD] [--wait] [-- <extra jobs.nightly args, e.g. --clip-model ViT-B-16 --no-reload>]
 
 It submits ``python -m jobs.nightly --input ... --output ... --index ... --date <date> <extra>``
 through the Jobs API (:class:`ray.job_submission.JobSubmissionClient`) with
@@ -20,7 +20,7 @@ Equivalent plain command (the date must be computed by the caller; in a crontab 
         --submission-id nightly-$(date -u +%F) --working-dir . \\
         --runtime-env-json '{"env_vars": {"AWS_DEFAULT_REGION": "us-west-2"}}' \\
         -- python -m jobs.nightly --input s3://fleet/raw/ --output s3://fleet/mined \\
-           --index s3://fleet/index --date $(date -u +%F)
+           --index /mnt/fleet/index --date $(date -u +%F)
 
 Exit codes: 0 submitted (with ``--wait``: the job SUCCEEDED); 1 the job FAILED or was STOPPED
 (``--wait``) or waiting timed out; 2 bad arguments or the Jobs API cannot be reached;
@@ -166,7 +166,7 @@ def submit_nightly(client, *, input: str, output: str, index: str | None, date: 
             ``submit_job`` / ``get_job_info`` methods).
         input / output / index: shard prefix, dataset root and index root (URIs).
         date: YYYY-MM-DD, default today in UTC.  Passed to jobs.nightly as ``--date`` too.
-        extra_args: more jobs.nightly arguments (model / selection options, ``--query-actor``).
+        extra_args: more jobs.nightly arguments (model / selection options, ``--no-reload``).
         working_dir: checkout to upload, or None for the package installed on the cluster.
         env_vars: variables for the job, default :func:`s3_env_vars` of this environment.
     Returns:

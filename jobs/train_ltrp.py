@@ -191,32 +191,38 @@ def ltrp_step(ranker, mae, optimizer, imgs, mask_ratio: float = 0.9, phase: str 
 
 # --------------------------------------------------------------------------- Ray worker
 def _load_resume_state(config: dict):
-    """Training state dict from Ray's own checkpoint (worker restart) or ``config['resume_from']``."""
+    """Training state to resume from: the newer (larger step) of Ray's own checkpoint of this run
+    (worker-group restart, or Ray restoring a run of the same name) and ``config['resume_from']``.
+
+    Returns:
+        ``(state dict or None, loss history list, source path or None)``.
+    """
     import ray.train
     import torch
 
-    ckpt = ray.train.get_checkpoint()
-    src = None
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=True)
-            losses = _read_lines(os.path.join(d, LOSS_FILE))
-        return state, losses, ckpt.path
-    src = config.get("resume_from")
-    if not src:
-        return None, [], None
-    path = src if src.endswith(".pth") else os.path.join(src, CKPT_FILE)
     from mining.fs import get_fs
 
-    fs, p = get_fs(path)
-    with fs.open(p, "rb") as f:
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    loss_path = os.path.join(os.path.dirname(p), LOSS_FILE)
-    losses = []
-    if fs.exists(loss_path):
-        with fs.open(loss_path, "r") as f:
-            losses = [json.loads(line) for line in f if line.strip()]
-    return state, losses, src
+    found = []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            found.append((torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=True),
+                          _read_lines(os.path.join(d, LOSS_FILE)), ckpt.path))
+    src = config.get("resume_from")
+    if src:
+        path = src if src.endswith(".pth") else os.path.join(src, CKPT_FILE)
+        fs, p = get_fs(path)
+        with fs.open(p, "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        loss_path = os.path.join(os.path.dirname(p), LOSS_FILE)
+        losses = []
+        if fs.exists(loss_path):
+            with fs.open(loss_path, "r") as f:
+                losses = [json.loads(line) for line in f if line.strip()]
+        found.append((state, losses, src))
+    if not found:
+        return None, [], None
+    return max(found, key=lambda t: int(t[0].get("step", -1)))
 
 
 def _read_lines(path: str) -> list[dict]:
@@ -241,6 +247,9 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True  # frozen MAE in TF32, ranker in bf16 autocast
+        torch.backends.cudnn.allow_tf32 = True
 
     mae = build_mae(config["mae_arch"], checkpoint=config.get("mae_checkpoint"),
                     random_init=config["tiny_random_init"], img_size=config["img_size"]).to(device)
@@ -388,6 +397,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         resume_from = find_latest_checkpoint(args.storage_path, args.name)
     elif args.resume not in ("none", "", None):
         resume_from = args.resume
+    else:
+        existing = find_latest_checkpoint(args.storage_path, args.name)
+        if existing:  # Ray Train would silently restore it; make the choice explicit
+            raise SystemExit(f"run {args.name!r} under {args.storage_path} already has checkpoints ({existing}); "
+                             "pass --resume auto to continue it, or choose a new --name")
     loss_log = None
     if "://" not in args.storage_path:
         os.makedirs(os.path.join(args.storage_path, args.name), exist_ok=True)

@@ -139,6 +139,14 @@ class SelectionConfig:
         emit_levels: which levels' patches are returned (default: all). The thesis
             returns level-1 and level-2 patches (5 + 5 x 6 = 35); an improved preset may
             use level 1 only as zoom regions.
+        context: improvement beyond the thesis (default 0 = thesis: level-2 patches lie
+            inside their level-1 patch and its saliency is computed on exactly that crop).
+            When > 0, the crop whose saliency is recomputed is the parent patch grown by
+            ``context`` x its side on every side (clipped to the image), and a level-2
+            candidate is allowed when its CENTRE lies inside the parent patch. Objects cut
+            by the parent's border can then still be centred in a patch, and saliency
+            models that suppress regions touching the crop border (boolean maps) or blur
+            at the border see them whole.
         scaled_to: (width, height) the sizes were scaled to, or None when unscaled.
     """
 
@@ -149,6 +157,7 @@ class SelectionConfig:
     margin: float = 0.10
     cover_border: bool = False
     emit_levels: tuple[int, ...] | None = None
+    context: float = 0.0
     scaled_to: tuple[int, int] | None = None
 
     def __post_init__(self):
@@ -158,6 +167,8 @@ class SelectionConfig:
             raise ValueError("SelectionConfig needs at least one level")
         if not 0.0 <= self.margin < 0.5:
             raise ValueError(f"margin must be in [0, 0.5), got {self.margin}")
+        if self.context < 0:
+            raise ValueError(f"context must be >= 0, got {self.context}")
         if self.reference_width < 1:
             raise ValueError("reference_width must be >= 1 px")
         if self.emit_levels is not None:
@@ -626,12 +637,18 @@ def _as_map(m: np.ndarray, shape: tuple[int, int], who: str) -> np.ndarray:
 
 
 def _select_level(
-    maps: list[np.ndarray], offsets: np.ndarray, owners: np.ndarray, lv: LevelParams, margin: float, cover_border: bool
+    maps: list[np.ndarray],
+    offsets: np.ndarray,
+    parents: np.ndarray,
+    lv: LevelParams,
+    margin: float,
+    cover_border: bool,
 ):
     """Score and greedily select candidates in several regions at once.
 
-    maps[i] is the saliency map of region i whose top-left is offsets[i] (x, y) in
-    image pixels. Returns boxes in image pixels, S_id scores, region index per box.
+    maps[i] is the saliency map of crop i whose top-left is offsets[i] (x, y) in image
+    pixels; parents[i] is the region (x0, y0, x1, y1, image px) candidates' centres must
+    lie in. Returns boxes in image pixels, ranking scores, region index per box.
     """
     all_boxes, all_apv, all_id, all_reg, all_thr = [], [], [], [], []
     for i, m in enumerate(maps):
@@ -640,9 +657,18 @@ def _select_level(
         if len(cand) == 0:
             continue
         ii = _integral(m)
-        apv, sid = _apv_id(ii, cand.astype(np.int64), margin)
         thr = lv.apv_threshold * float(m.mean()) if lv.adaptive_apv else lv.apv_threshold
-        all_boxes.append(cand + np.array([offsets[i][0], offsets[i][1]] * 2, np.int32))
+        cand_img = cand + np.array([offsets[i][0], offsets[i][1]] * 2, np.int32)
+        px0, py0, px1, py1 = parents[i]
+        if (px0, py0, px1, py1) != (offsets[i][0], offsets[i][1], offsets[i][0] + w, offsets[i][1] + h):
+            cx2 = cand_img[:, 0] + cand_img[:, 2]  # twice the centre
+            cy2 = cand_img[:, 1] + cand_img[:, 3]
+            inside = (cx2 >= 2 * px0) & (cx2 < 2 * px1) & (cy2 >= 2 * py0) & (cy2 < 2 * py1)
+            cand, cand_img = cand[inside], cand_img[inside]
+            if len(cand) == 0:
+                continue
+        apv, sid = _apv_id(ii, cand.astype(np.int64), margin)
+        all_boxes.append(cand_img)
         all_apv.append(apv)
         all_id.append(sid)
         all_reg.append(np.full(len(cand), i, np.int64))
@@ -705,12 +731,20 @@ def select_patches_batch(
     for li in range(nlev):
         if not regions:
             break
-        crops = [images[i][y0:y1, x0:x1] for (i, x0, y0, x1, y1) in regions]
-        crops = [np.ascontiguousarray(c) for c in crops]
+        bounds = []
+        for (i, x0, y0, x1, y1) in regions:
+            ctx = cfgs[i].context if li > 0 else 0.0
+            if ctx > 0:
+                H, W = images[i].shape[:2]
+                mx, my = int(round(ctx * (x1 - x0))), int(round(ctx * (y1 - y0)))
+                bounds.append((max(x0 - mx, 0), max(y0 - my, 0), min(x1 + mx, W), min(y1 + my, H)))
+            else:
+                bounds.append((x0, y0, x1, y1))
+        crops = [np.ascontiguousarray(images[r[0]][b[1]:b[3], b[0]:b[2]]) for r, b in zip(regions, bounds)]
         maps = backend.predict_batch(crops)
         maps = [_as_map(m, c.shape[:2], getattr(backend, "name", "?")) for m, c in zip(maps, crops)]
-        owners = np.array([r[0] for r in regions], np.int64)
-        offsets = np.array([(r[1], r[2]) for r in regions], np.int64)
+        offsets = np.array([(b[0], b[1]) for b in bounds], np.int64)
+        parents = np.array([r[1:] for r in regions], np.int64)
         # all images share the config's level structure; sizes may differ per image width
         boxes_l, scores_l, reg_l = [], [], []
         by_cfg: dict[tuple, list[int]] = {}
@@ -719,7 +753,7 @@ def select_patches_batch(
         for lv, ris in by_cfg.items():
             cfg0 = cfgs[regions[ris[0]][0]]
             b, s, rr = _select_level(
-                [maps[j] for j in ris], offsets[ris], owners[ris], lv, cfg0.margin, cfg0.cover_border
+                [maps[j] for j in ris], offsets[ris], parents[ris], lv, cfg0.margin, cfg0.cover_border
             )
             boxes_l.append(b)
             scores_l.append(s)

@@ -76,6 +76,14 @@ def test_nightly_job_on_cluster_then_status_and_query_through_ray_client(ray_hea
     sid = nightly_submission_id(NIGHT)
     cli_env = {"RAY_ADDRESS": ray_head.address}
 
+    # before the first night: status says so clearly (read in-process here, no Ray needed)
+    from jobs.status import collect, format_status
+
+    empty = collect(output, index)
+    assert empty["nights"] == [] and empty["index"]["version"] is None, empty
+    text = format_status({**empty, "query_actor": {"running": False, "detail": "not running"}})
+    assert "no committed shards yet" in text and "no index" in text, text
+
     # a query actor left over by another test on this shared head would serve another index
     run_cli(["jobs.serve_query", "--stop", "--address", ray_head.address], env=cli_env)
     try:
@@ -90,6 +98,7 @@ def test_nightly_job_on_cluster_then_status_and_query_through_ray_client(ray_hea
         logs = _assert_succeeded(client, sid, timeout_s=150)
         assert f"night {NIGHT}: 2 new shards" in logs, logs[-3000:]
         nightly_s = time.monotonic() - t0
+        print(f"[{nightly_s:.0f}s] nightly job SUCCEEDED")
 
         # ---------------------------------------------------------------- ledger, dataset, index
         ledger = read_ledger(output)
@@ -117,8 +126,9 @@ def test_nightly_job_on_cluster_then_status_and_query_through_ray_client(ray_hea
         assert (night["date"], night["shards"], night["frames"], night["patches"]) == (NIGHT, 2, 4, patches.num_rows)
         assert st["index"]["version"] == version and st["index"]["vectors"] == patches.num_rows
         assert st["query_actor"]["running"] is False
-        cp = run_cli(["jobs.status", "--address", ray_head.client, "--data", output, "--index", index])
-        assert "not running" in cp.stdout and NIGHT in cp.stdout and version in cp.stdout, cp.stdout
+        text = format_status(st)
+        assert "not running" in text and NIGHT in text and version in text, text
+        print(f"[{time.monotonic() - t0:.0f}s] status via ray://")
 
         # ---------------------------------------------------------------- query actor, by a job
         serve_id = client.submit_job(
@@ -127,6 +137,7 @@ def test_nightly_job_on_cluster_then_status_and_query_through_ray_client(ray_hea
         serve_logs = _assert_succeeded(client, serve_id, timeout_s=120)
         health = json.loads([ln for ln in serve_logs.splitlines() if ln.startswith("{")][-1])
         assert health["index_root"] == index and str(health.get("version")) == version, health
+        print(f"[{time.monotonic() - t0:.0f}s] query actor started by a job")
 
         # ---------------------------------------------------------------- a query through ray://
         out = tmp_path / "export"
@@ -138,9 +149,14 @@ def test_nightly_job_on_cluster_then_status_and_query_through_ray_client(ray_hea
         assert rows, cp.stdout
         assert all(r["image_uri"].startswith(night_prefix) for r in rows), rows[:2]
 
-        cp = run_cli(["jobs.status", "--address", ray_head.client, "--data", output, "--index", index, "--json"])
-        qa = json.loads(cp.stdout.strip().splitlines()[-1])["query_actor"]
+        print(f"[{time.monotonic() - t0:.0f}s] query through ray://: {len(rows)} images")
+        # the same status from a submitted job (http:// address: jobs.status runs itself as a job)
+        cp = run_cli(["jobs.status", "--address", ray_head.dashboard, "--data", output, "--index", index, "--json"])
+        st2 = json.loads(cp.stdout.strip().splitlines()[-1])
+        qa = st2["query_actor"]
         assert qa["running"] and qa["healthy"] and qa["health"]["ok"], qa
+        assert qa["health"]["version"] == version and qa["health"]["served"] >= 1, qa
+        assert st2["nights"] == st["nights"] and st2["index"]["version"] == version
 
         # ---------------------------------------------------------------- the night cannot run twice
         with pytest.raises(AlreadySubmittedError, match="SUCCEEDED"):
@@ -155,6 +171,6 @@ def test_nightly_job_on_cluster_then_status_and_query_through_ray_client(ray_hea
         assert "already submitted" in cp.stderr and sid in cp.stderr
         assert len([j for j in client.list_jobs() if j.submission_id == sid]) == 1
         assert len(read_ledger(output)) == 2
-        print(f"nightly job {nightly_s:.1f} s")
+        print(f"[{time.monotonic() - t0:.0f}s] resubmission refused")
     finally:
         run_cli(["jobs.serve_query", "--stop", "--address", ray_head.address], env=cli_env, check=False)

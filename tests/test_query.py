@@ -320,14 +320,27 @@ def test_random_init_warning_and_model_from_manifest(qd):
     assert info["random_init"] and info["model"] == "tiny-test-random/random-init" and info["index_version"]
 
 
-def test_dim_mismatch_is_a_clear_error(qd):
-    from mining.embed import ClipSpec
+def test_dim_mismatch_is_a_clear_error(tmp_path, engine):
+    """An index whose vectors do not have the model's dim is refused with a clear message."""
+    from mining.index import build_index
     from mining.query import QueryEngine
+    from mining.store import ShardOutput, write_shard
 
+    out = ShardOutput(shard="file:///x/shard", date="2026-01-01", run_id="t", model="tiny-test-random/random-init",
+                      dim=8, random_init=True)
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        out.patches.append(dict(patch_id=i + 1, image_id="img", image_uri="/x/a.jpg", shard=out.shard, date=out.date,
+                                x0=0, y0=0, x1=10 + i, y1=10 + i, level=1, score=0.5, model=out.model, run_id="t"))
+    out.embeddings.append(rng.standard_normal((20, 8)).astype(np.float32))
+    write_shard(str(tmp_path / "d"), out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match="dim 512 but index .* has dim 64"):
-            QueryEngine(qd.index, clip=ClipSpec("ViT-B-16", None, True))
+        build_index(str(tmp_path / "d"), str(tmp_path / "i"), kind="flat", use_ray=False, verbose=False)
+        with pytest.raises(ValueError, match="embeds to dim 64 but index version .* has dim 8"):
+            QueryEngine(str(tmp_path / "i"))
+        with pytest.raises(ValueError, match="dim 64 but index .* has dim 8"):
+            QueryEngine(str(tmp_path / "i"), embedder=engine.embedder)
 
 
 # --------------------------------------------------------------------------- exports + CLI
@@ -377,6 +390,3 @@ def test_cli_in_process_image_query_and_exclude_exported(qd, tmp_path):
                    "--k", "16", "--out", str(out), "--exclude-exported", "--json"], timeout=300)
     rows = [json.loads(x) for x in cp2.stdout.splitlines() if x.startswith("{")]
     assert rows and not {r["image_uri"] for r in rows} & exported
-    # a bad query exits 2 with a clear message
-    cp3 = run_cli(["jobs.query", "--index", qd.index, "--text", " ", "--k", "4"], check=False, timeout=300)
-    assert cp3.returncode == 2 and "text query is empty" in cp3.stderr

@@ -44,6 +44,8 @@ def test_train_ltrp_checkpoint_and_resume(local_ray, tmp_path):
     assert state1["epoch"] == 0 and state1["step"] == 1
     assert any(k.startswith("score_net.") for k in state1["model"])
     assert find_latest_checkpoint(str(tmp_path / "runs"), "smoke") == ck1
+    with pytest.raises(SystemExit, match="--resume auto"):  # never restore silently
+        main(common + ["--epochs", "1"])
 
     out2 = main(common + ["--epochs", "2", "--resume", "auto"])
     ck2 = out2["checkpoint"]

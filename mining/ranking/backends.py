@@ -41,12 +41,14 @@ def _env_flag(name: str) -> bool:
 
 
 def resolve_device(device=None):
-    """``torch.device``: the given one, else ``cuda`` when available, else ``cpu``."""
+    """``torch.device``: the given one, else ``cuda`` when available, else ``cpu`` (TF32 enabled on cuda)."""
     import torch
 
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+; fp32 elsewhere
+        torch.backends.cudnn.allow_tf32 = True
+    return dev
 
 
 def images_to_views(images: Sequence[np.ndarray], size: int, device):
@@ -166,8 +168,9 @@ class LTRPBackend(_TokenBackend):
         import torch
 
         x = images_to_views(images, self.img_size, self.device)
-        with torch.inference_mode():
-            return self.model(x), x
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            s = self.model(x)
+        return s.float(), x
 
     def token_values(self, images: Sequence[np.ndarray]) -> np.ndarray:
         import torch
