@@ -245,6 +245,7 @@ def main() -> int:
     print(f"index: {snap.ntotal} vectors, dim {snap.dim}, {desc}; engine ready in {time.perf_counter() - t0:.1f} s; "
           f"CLIP {emb.model_id} on {emb.device}, torch threads {torch.get_num_threads()}", flush=True)
 
+    k = args.k
     if not args.index:  # recall of the synthetic IVF search against exact search, 20 queries
         qs = idx.sample_queries(20, seed=99)
         _, got = idx.search(qs, k)

@@ -32,6 +32,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
     g.add_argument("--actors", type=int, default=None, help="mining actors (default: one per GPU, else CPUs / --cpus-per-actor)")
+    g.add_argument("--gpu", dest="use_gpu", action="store_true", default=None,
+                   help="ask for num_gpus=1 actors even if no GPU is up yet (autoscaling from zero; use with --actors)")
+    g.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="CPU actors even where GPUs exist")
     g.add_argument("--cpus-per-actor", type=int, default=None, help="CPUs per actor without GPUs (default: all CPUs / actors)")
     g.add_argument("--batch-size", type=int, default=None, help="patches per CLIP forward (default: from free GPU memory; 64 on CPU)")
     g.add_argument("--device", default=None, help="torch device in the actors (default: cuda when visible, else cpu)")

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = mine_config(args)
     try:
         summary = run_mining(args.input, args.output, cfg, address=args.address, num_actors=args.actors,
-                             cpus_per_actor=args.cpus_per_actor, max_attempts=args.max_attempts,
+                             cpus_per_actor=args.cpus_per_actor, max_attempts=args.max_attempts, use_gpu=args.use_gpu,
                              images_per_dir_shard=args.images_per_shard)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)

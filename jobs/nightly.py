@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = run_nightly(args.input, args.output, cfg, index_root=args.index, address=args.address,
                         reload_actor=not args.no_reload, num_actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-                        max_attempts=args.max_attempts, images_per_dir_shard=args.images_per_shard)
+                        max_attempts=args.max_attempts, use_gpu=args.use_gpu, images_per_dir_shard=args.images_per_shard)
     except (WeightsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -341,7 +341,8 @@ def _fail_record(root: str, cfg: MineConfig, ref: ShardRef, reason: str, attempt
 
 def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: str | None = None,
                num_actors: int | None = None, cpus_per_actor: int | None = None, max_attempts: int = 3,
-               images_per_dir_shard: int = 64, progress: bool = True, shards: list[ShardRef] | None = None) -> dict:
+               images_per_dir_shard: int = 64, progress: bool = True, shards: list[ShardRef] | None = None,
+               use_gpu: bool | None = None) -> dict:
     """Mine every uncommitted shard of ``input_spec`` into ``output_root`` on a Ray cluster.
 
     One actor per GPU (``num_gpus=1``); without GPUs, ``num_actors`` CPU actors of
@@ -350,6 +351,10 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
     and its shard is retried; a shard that fails ``max_attempts`` times becomes a
     ``failed`` ledger record and an errors row, and the rest of the run completes.
     Already-committed shards are skipped, so a rerun mines only what is missing.
+
+    ``use_gpu``: None detects GPUs in the cluster now; True asks for ``num_gpus=1`` actors
+    even when none is up yet (an autoscaling cluster with ``min_workers: 0`` then launches GPU
+    workers for them; use with ``num_actors``); False forces CPU actors.
 
     Returns:
         summary dict: shards_total, shards_skipped, shards_mined, shards_failed, images, patches,
@@ -375,9 +380,9 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
     _ray_init(address)
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
-    if gpus > 0:
+    if use_gpu or (use_gpu is None and gpus > 0):
         opts = {"num_gpus": 1, "num_cpus": cpus_per_actor or 1}
-        n = num_actors or gpus
+        n = num_actors or max(1, gpus)
     else:
         cpa = cpus_per_actor or max(1, int(res.get("CPU", 1)) // (num_actors or 1))
         opts = {"num_cpus": cpa}

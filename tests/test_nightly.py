@@ -76,7 +76,8 @@ def test_actor_killed_mid_shard_is_retried_without_duplicates(ray_head, tmp_path
             if line.startswith("mining "):
                 break
         time.sleep(1.0)  # inside the first shard (6 frames take several seconds)
-        alive = [a for a in list_actors(filters=[("class_name", "=", "ShardMiner"), ("state", "=", "ALIVE")])]
+        alive = list_actors(address=ray_head.dashboard,
+                            filters=[("class_name", "=", "ShardMiner"), ("state", "=", "ALIVE")])
         assert alive, "no ShardMiner actor found"
         os.kill(alive[0].pid, signal.SIGKILL)
         rest, _ = proc.communicate(timeout=300)

@@ -23,7 +23,7 @@ from mining.ranking.mae import MaskedAutoencoder
 def _drop_one(x: torch.Tensor) -> torch.Tensor:
     """``(B, n, ...)`` -> ``(B * n, n - 1, ...)``: row ``b * n + i`` is ``x[b]`` without item ``i``."""
     b, n = x.shape[:2]
-    keep = ~torch.eye(n).roll(1, 0).bool() if False else ~torch.eye(n).roll(1,0).bool(); _ = (n, dtype=torch.bool, device=x.device)  # (n, n): row i drops i
+    keep = ~torch.eye(n, dtype=torch.bool, device=x.device)  # (n, n): row i drops i
     rep = x[:, None].expand(b, n, *x.shape[1:])  # (B, n, n, ...)
     return rep[:, keep].reshape(b * n, n - 1, *x.shape[2:])
 
