@@ -40,6 +40,15 @@ from mining.index.synthetic import ClusteredMixture  # noqa: E402
 K = 16
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 BEGIN, END = "<!-- index:begin -->", "<!-- index:end -->"
+NOTES = (
+    "index B/vector = size of the written FAISS index / N (what is resident in RAM); + disk B/vector = the "
+    "float16 exact vectors of ivfpq-refine, memory-mapped, only the re-ranked candidate rows are read. "
+    "`ivfpq` and `ivfpq-refine` share one trained and filled index (same build_s); `hnsw` and the thesis' "
+    "HNSW32 row share one graph (the thesis row keeps faiss' default efSearch=16). OPQ training budget: "
+    "`mining/index/core.py` (OPQ_NITER, OPQ_NITER_PQ_0, OPQ_MAX_TRAIN), the same for the thesis' OPQ64_128,PQ64 row. "
+    "Timings: medians, 1 OpenMP thread, on a machine shared with other jobs, so absolute build times are "
+    "pessimistic; the last column holds the tuned search parameters (recall target 0.95 on separate tuning queries)."
+)
 
 
 def load_data(args):
@@ -191,7 +200,7 @@ def build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
         with core.Timer() as t:
             idx = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
             opq = faiss.downcast_VectorTransform(faiss.downcast_index(idx.index).chain.at(0))
-            opq.niter = core.OPQ_NITER  # same OPQ iterations as our ivfpq rows
+            core.configure_opq(opq)  # same OPQ training budget as our ivfpq rows
             idx.train(x[np.sort(rng.choice(n, nt, replace=False))])
             core.add_vectors(idx, x, ids)
         yield Row("thesis OPQ64_128,PQ64 (exhaustive)", "pq", factory, idx, faiss_search(idx, {}), t.s,
@@ -242,7 +251,7 @@ def main(argv=None):
     ap.add_argument("--no-write", action="store_true", help="with --all: do not touch RESULTS.md")
     ap.add_argument("--data", default=None, help="mined dataset root (mining.store) instead of synthetic vectors")
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--tune-queries", type=int, default=100)
+    ap.add_argument("--tune-queries", type=int, default=200)
     ap.add_argument("--timing-queries", type=int, default=100)
     ap.add_argument("--recall-target", type=float, default=0.95)
     ap.add_argument("--opq-train", type=int, default=20_000)
@@ -275,6 +284,7 @@ def main(argv=None):
                        f"{faiss.omp_get_max_threads()} OpenMP threads, no GPU",
             "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "notes": NOTES,
         })
     main_row = next((r for r in results if r["kind"] == "ivfpq-refine"), results[0])
     print(json.dumps({k: main_row[k] for k in ("kind", "n", "recall_at_16", "bytes_per_vector", "ms_per_query", "build_s")}

@@ -105,7 +105,6 @@ def bench_ltrp_backend(frames: list[np.ndarray], batches: list[int], repeats: in
 def bench_kpp(ratio: float, steps: int) -> dict:
     import torch
 
-    from mining.ranking.flops import vit_block_flops  # noqa: F401
     from mining.ranking.kpp import kpp_flops, kpp_select, n_keep_for
     from mining.ranking.mae import MaskedAutoencoder, freeze, mae_config
 

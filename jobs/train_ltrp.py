@@ -28,7 +28,6 @@ ranker (arch ``tiny-test``); the pseudo labels of a random MAE are meaningless.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os

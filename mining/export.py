@@ -27,7 +27,6 @@ import os
 import uuid
 from typing import Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -149,7 +148,7 @@ def contact_sheet(table: pa.Table, path: str, *, tile: int = 160, cols: int | No
     draw = ImageDraw.Draw(sheet)
     font = _font(14)
     if title:
-        draw.text((pad, 5), title[:120], fill=(0, 0, 0), font=font)
+        draw.text((pad, 5), title[: max(20, W // 8)], fill=(0, 0, 0), font=font)
     cache: dict[str, object] = {}
     for i, r in enumerate(rows):
         cx = pad + (i % cols) * (tile + pad)
@@ -243,7 +242,7 @@ def export_hits(table: pa.Table, out_dir: str, *, query: dict | str, index_versi
     title = f"query {qtxt}"
     warning = ("results from RANDOMLY INITIALISED CLIP weights: not semantic" if random_init else None)
     sheet = contact_sheet(table, os.path.join(out_dir, "contact_sheet.png"), loader=loader,
-                          title=title + ("  [random CLIP weights]" if random_init else ""))
+                          title=("[random CLIP weights] " if random_init else "") + title)
     gallery = html_gallery(rows, out_dir, title=title, loader=loader, warning=warning)
     return {"run_id": run_id, "manifest_jsonl": paths["jsonl"], "manifest_parquet": paths["parquet"],
             "contact_sheet": sheet, "gallery": gallery, "images": len(rows), "hits": table.num_rows}

@@ -43,7 +43,8 @@ STAGES = ("read", "decode", "select", "embed", "write")
 # runtime_env (merged by Ray with the job's runtime_env).
 PASS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MINING_S3_RETRIES", "HF_HOME", "HF_HUB_OFFLINE",
-            "OPEN_CLIP_CACHE_DIR")
+            "OPEN_CLIP_CACHE_DIR", "MINING_LTRP_CHECKPOINT", "MINING_MAE_CHECKPOINT", "MINING_RANKER_ARCH",
+            "MINING_MAE_ARCH", "MINING_RANKER_RANDOM_INIT", "MINING_KPP_RATIO")
 
 
 def actor_env() -> dict:

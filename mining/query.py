@@ -843,6 +843,7 @@ class QueryEngine:
     def _run(self, Q: np.ndarray, mode: str, k: int, filters: dict, dedup: bool, rerank: bool | None,
              desc: dict, timer: _Timer, t0: float, neg: np.ndarray | None = None, neg_weight: float = 0.0) -> pa.Table:
         snap = self._snap  # pinned for the whole query: a reload does not affect it
+        cpu0 = time.thread_time()
         if Q.shape[1] != snap.dim:
             raise QueryError(f"query embedding dim {Q.shape[1]} != index dim {snap.dim}")
         if rerank is None and self.config.rerank is None:
@@ -899,6 +900,9 @@ class QueryEngine:
         table = self._result(snap, rows[keep], scores[keep])
         timer.metadata_ms += (time.perf_counter() - tm) * 1e3
         total = (time.perf_counter() - t0) * 1e3
+        # CPU time of this thread after encoding: what the query costs without the wall-clock
+        # noise of a shared, oversubscribed machine
+        timer.extra["non_encoder_cpu_ms"] = round((time.thread_time() - cpu0) * 1e3, 4)
         md = {
             b"query": json.dumps({**desc, "k": k, "filters": filters, "dedup_overlap": max_ov, "rerank": do_rerank},
                                  default=str).encode(),
@@ -951,14 +955,10 @@ def query_info(table: pa.Table) -> dict:
 # --------------------------------------------------------------------------- index access
 
 def _current_version(root: str) -> str | None:
-    from mining.fs import get_fs, join
+    """The version ``<root>/CURRENT`` names (None when nothing is published)."""
+    from mining.index import current_version
 
-    fs, path = get_fs(join(root, "CURRENT"))
-    try:
-        with fs.open(path, "rb") as f:
-            return f.read().decode().strip() or None
-    except FileNotFoundError:
-        return None
+    return current_version(root)
 
 
 def _open_index(root: str, version: str | None = None):

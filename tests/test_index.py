@@ -273,3 +273,12 @@ def test_random_init_warning(tmp_path):
     assert m["random_init"] is True
     with open(os.path.join(out, "versions", m["version"], "manifest.json")) as f:
         assert json.load(f)["random_init"] is True
+
+
+def test_group_records_contiguous_and_balanced():
+    recs = [{"shard": f"s{i}", "num_patches": n} for i, n in enumerate([100, 100, 100, 100, 100, 100, 10, 500])]
+    groups = ib.group_records(recs, 3)
+    assert len(groups) == 3
+    assert [r["shard"] for g in groups for r in g] == [r["shard"] for r in recs], "ledger order kept"
+    assert ib.group_records(recs[:2], 5) == [[recs[0]], [recs[1]]]  # never more parts than shards
+    assert ib.group_records(recs, 1) == [recs]

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.ray
 def ray_local():
     ray = pytest.importorskip("ray")
     # explicit: no token auth, nothing written to ~/.ray (../shared/NOTES.md, Ray token authentication)
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     started = False
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -29,6 +30,11 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def test_build_with_ray_tasks_matches_local(ray_local, tmp_path):

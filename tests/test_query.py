@@ -12,6 +12,7 @@ import os
 import warnings
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -80,9 +81,24 @@ def build_query_dataset(root: str, emb=None, n_images: int = N_IMAGES) -> QueryD
     return QueryData(root, data, index, images, E, rows)
 
 
-@pytest.fixture(scope="module")
-def qd(tmp_path_factory):
+@pytest.fixture(scope="session")
+def query_dataset(tmp_path_factory):
+    """Built once per session (test_query_actor.py works on a copy: it adds a version)."""
     return build_query_dataset(str(tmp_path_factory.mktemp("qdata")))
+
+
+@pytest.fixture(scope="module")
+def qd(query_dataset):
+    return query_dataset
+
+
+def copy_dataset(qd: QueryData, root: str) -> QueryData:
+    """A private copy of the dataset + index (same frames) under ``root``."""
+    import shutil
+
+    shutil.copytree(qd.data, os.path.join(root, "data"))
+    shutil.copytree(qd.index, os.path.join(root, "index"))
+    return QueryData(root, os.path.join(root, "data"), os.path.join(root, "index"), qd.images, qd.emb, qd.rows)
 
 
 @pytest.fixture(scope="module")
@@ -373,20 +389,24 @@ def test_export_files_readable(qd, engine, tmp_path):
     assert exported_image_ids(str(tmp_path)) == set(tab.column("image_id").to_pylist())
 
 
-def test_cli_in_process_image_query_and_exclude_exported(qd, tmp_path):
+def test_cli_in_process_image_query_and_exclude_exported(qd, engine, tmp_path):
+    from mining.export import export_hits
+
     out = tmp_path / "out"
+    # an earlier export of frame 0 (what --exclude-exported must skip)
+    prev = engine.image(frame_bytes(qd.images[0]), box=BOXES[2], k=2)
+    export_hits(prev.filter(pc.equal(prev.column("image_uri"), qd.images[0])), str(out), query="earlier",
+                index_version="v0")
     uri = qd.images[2]
     cp = run_cli(["jobs.query", "--index", qd.index, "--image", uri, "--box", ",".join(map(str, BOXES[2])),
-                  "--k", "3", "--out", str(out)], timeout=300)
-    lines = [x for x in cp.stdout.splitlines() if x.strip() and x.split()[0].isdigit()]
-    assert len(lines) == 3
-    first = lines[0].split()
-    assert first[0] == "1" and first[2] == ",".join(map(str, BOXES[2])) and first[3] == uri
-    assert "RANDOMLY INITIALISED" in cp.stderr
+                  "--k", "5", "--out", str(out), "--exclude-exported"], timeout=300)
+    lines = [x.split() for x in cp.stdout.splitlines() if x.strip() and x.split()[0].isdigit()]
+    assert len(lines) == 5
+    assert lines[0][:1] == ["1"] and lines[0][2] == ",".join(map(str, BOXES[2])) and lines[0][3] == uri
+    assert qd.images[0] not in {x[3] for x in lines}
+    assert "RANDOMLY INITIALISED" in cp.stderr and "excluding 1 already exported images" in cp.stderr
     for f in ("manifest.jsonl", "manifest.parquet", "contact_sheet.png", "gallery.html"):
         assert (out / f).exists(), f
-    exported = {json.loads(x)["image_uri"] for x in open(out / "manifest.jsonl")}
-    cp2 = run_cli(["jobs.query", "--index", qd.index, "--image", uri, "--box", ",".join(map(str, BOXES[2])),
-                   "--k", "16", "--out", str(out), "--exclude-exported", "--json"], timeout=300)
-    rows = [json.loads(x) for x in cp2.stdout.splitlines() if x.startswith("{")]
-    assert rows and not {r["image_uri"] for r in rows} & exported
+    m = [json.loads(x) for x in open(out / "manifest.jsonl")]
+    assert {r["image_uri"] for r in m} == {x[3] for x in lines}
+    assert m[0]["boxes"][0] == list(BOXES[2]) and json.loads(m[0]["query"])["type"] == "image"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
-from test_query import BOXES, build_query_dataset, embedder, frame_bytes
+from test_query import BOXES, copy_dataset, embedder, frame_bytes, query_dataset  # noqa: F401 (session fixture)
 
 pytestmark = pytest.mark.ray
 
@@ -44,12 +44,12 @@ def _runtime_env(ray_head) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served(ray_head, tmp_path_factory):
+def served(ray_head, query_dataset, tmp_path_factory):
     """Dataset + index, the actor started by a submitted serve job, and a driver connection."""
     import ray
     from ray.job_submission import JobSubmissionClient
 
-    qd = build_query_dataset(str(tmp_path_factory.mktemp("qactor")))
+    qd = copy_dataset(query_dataset, str(tmp_path_factory.mktemp("qactor")))
     name = f"rare-object-query-test-{uuid.uuid4().hex[:8]}"
     client = JobSubmissionClient(ray_head.dashboard)
     img_dir = os.path.dirname(qd.images[0])
@@ -58,13 +58,21 @@ def served(ray_head, tmp_path_factory):
         submission_id=f"serve-query-{uuid.uuid4().hex[:8]}", runtime_env=_runtime_env(ray_head))
     logs = _wait_job(client, job)
     health = json.loads([x for x in logs.splitlines() if x.startswith("{")][-1])
-    ray.init(address=ray_head.address, namespace="mining", logging_level="WARNING")
+    ray.init(address=ray_head.address, namespace="mining", logging_level="WARNING", ignore_reinit_error=True)
     try:
         actor = ray.get_actor(name, namespace="mining")
         yield dict(qd=qd, name=name, actor=actor, client=client, health=health, head=ray_head)
     finally:
         try:
-            run_cli(["jobs.serve_query", "--stop", "--name", name, "--address", ray_head.address], timeout=120)
+            cp = run_cli(["jobs.serve_query", "--stop", "--name", name, "--address", ray_head.address], timeout=120)
+            assert json.loads(cp.stdout.strip().splitlines()[-1])["stopped"]
+            deadline = time.time() + 30
+            while time.time() < deadline:  # ray.kill is asynchronous
+                try:
+                    ray.get_actor(name, namespace="mining")
+                    time.sleep(0.5)
+                except ValueError:
+                    break
             with pytest.raises(ValueError):
                 ray.get_actor(name, namespace="mining")
         finally:
@@ -149,7 +157,6 @@ def test_reload_during_query_stream_loses_none(served):
     old = ray.get(actor.health.remote())["version"]
     # a new shard (a new frame) arrives and a new index version is built next to the old one
     emb = embedder()
-    uri = qd.images[0]
     new_uri = os.path.join(qd.root, "new-frame.png")
     Image.open(qd.images[-1]).convert("RGB").transpose(Image.FLIP_LEFT_RIGHT).save(new_uri)
     arr = np.array(Image.open(new_uri).convert("RGB"))

@@ -20,13 +20,15 @@ TINY = ["--clip-model", "tiny-test-random", "--clip-random-init", "--ranker-rand
 
 
 @pytest.mark.parametrize("selector,extra", [("ltrp", []), ("kpp", ["--kpp-ratio", "0.02"])])
-def test_mine_with_ranking_selector(selector, extra, tmp_path):
+def test_mine_with_ranking_selector(selector, extra, tmp_path, ray_head):
     src = tmp_path / "in"
     src.mkdir()
     for p in gtsdb_images(2):
         shutil.copy(p, src / p.name)
     out = tmp_path / "out"
-    env = {"MINING_RANKER_ARCH": "tiny-test", "MINING_MAE_ARCH": "tiny-test", "RAY_USAGE_STATS_ENABLED": "0"}
+    # the session's Ray head; the ranker env vars reach the actors through their runtime_env
+    env = {"MINING_RANKER_ARCH": "tiny-test", "MINING_MAE_ARCH": "tiny-test", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ADDRESS": ray_head.address}
     cp = run_cli(["jobs.mine", "--input", str(src), "--output", str(out), "--selector", selector, "--json",
                   *TINY, *extra], env=env, timeout=300)
     summary = json.loads(cp.stdout.strip().splitlines()[-1])

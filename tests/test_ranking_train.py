@@ -8,7 +8,7 @@ import tempfile
 import pytest
 import torch
 
-from conftest import gtsdb_images
+from tests.conftest import gtsdb_images
 
 pytestmark = pytest.mark.ray
 

@@ -91,10 +91,12 @@ def group_records(records: list[dict], n_parts: int) -> list[list[dict]]:
     n_parts = max(1, min(n_parts, len(records)))
     total = sum(r["num_patches"] for r in records)
     groups, cur, acc = [], [], 0
-    for r in records:
+    for j, r in enumerate(records):
         cur.append(r)
         acc += r["num_patches"]
-        if len(groups) < n_parts - 1 and acc >= total * (len(groups) + 1) / n_parts:
+        left = len(records) - j - 1  # records after this one
+        need = n_parts - len(groups) - 1  # groups still to open after this one
+        if need > 0 and (acc >= total * (len(groups) + 1) / n_parts or left == need):
             groups.append(cur)
             cur = []
     if cur:
@@ -341,7 +343,8 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
 
 def build_index(data_root: str, out_root: str, *, kind: str = "auto", memory_budget_bytes: int | None = None,
                 recall_target: float = 0.95, seed: int = 0, use_ray: bool | None = None,
-                n_parts: int | None = None, merge: str = "auto", verbose: bool = True) -> dict:
+                n_parts: int | None = None, merge: str = "auto", verbose: bool = True,
+                extra_manifest: dict | None = None) -> dict:
     """Train, fill, tune and publish a NEW index version from the committed shards of ``data_root``.
 
     Args:
@@ -353,6 +356,7 @@ def build_index(data_root: str, out_root: str, *, kind: str = "auto", memory_bud
         seed: sampling / k-means seed. use_ray: run the add parts as Ray tasks (None: if Ray is
             initialised). n_parts: number of add parts (default: CPUs of the Ray cluster, 1 locally).
         merge: "auto" | "memory" | "ondisk" (IVF only; auto = on disk above 4 GiB or half the budget).
+        extra_manifest: extra manifest fields (update_index records why it retrained).
     Returns:
         the published manifest (dict; ``manifest["version"]``, ``["changed"] = True``).
     Raises:
@@ -397,6 +401,7 @@ def build_index(data_root: str, out_root: str, *, kind: str = "auto", memory_bud
         "parent_version": publish.current_version(out_root),
         "memory_budget_bytes": memory_budget_bytes,
         "seed": seed,
+        **(extra_manifest or {}),
     }
     empty_truth = (np.full((nq, K_EVAL), core.MISSING_SCORE, np.float32), np.full((nq, K_EVAL), -1, np.int64))
     m = _fill_tune_publish(data_root, out_root, plan=plan, trained=trained, records=records, base=None,
@@ -459,12 +464,9 @@ def update_index(data_root: str, out_root: str, *, growth_factor: float = GROWTH
                f"quant error {man.get('quant_error')} -> {drift})")
         kw = {"kind": man.get("requested_kind", man["kind"]), "memory_budget_bytes": man.get("memory_budget_bytes"),
               **build_kw}
-        m = build_index(data_root, out_root, recall_target=recall_target, seed=seed, use_ray=use_ray,
-                        n_parts=n_parts, verbose=verbose, **kw)
-        m["retrained"] = reason
-        m["drift_quant_error"] = drift
-        publish.write_json_atomic(os.path.join(publish.version_dir(out_root, m["version"]), publish.MANIFEST), m)
-        return m
+        return build_index(data_root, out_root, recall_target=recall_target, seed=seed, use_ray=use_ray,
+                           n_parts=n_parts, verbose=verbose, **kw,
+                           extra_manifest={"retrained": reason, "drift_quant_error": drift, "parent_version": cur})
 
     use_ray = _resolve_ray(use_ray)
     plan = sizing.IndexPlan(**man["plan"])

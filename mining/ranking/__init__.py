@@ -50,4 +50,5 @@ def backend_from_args(selector: str, *, ltrp_checkpoint: str | None = None, mae_
     raise ValueError(f"unknown ranking selector {selector!r}; expected one of {SELECTORS}")
 
 
-__all__ = ["LTRPBackend", "KPPBackend", "backend_from_args", "SELECTORS"]
+__all__ = ["LTRPBackend", "KPPBackend", "backend_from_args", "SELECTORS", "ENV_KPP_RATIO", "ENV_LTRP_CHECKPOINT",
+           "ENV_MAE_ARCH", "ENV_MAE_CHECKPOINT", "ENV_RANDOM_INIT", "ENV_RANKER_ARCH"]

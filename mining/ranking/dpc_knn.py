@@ -110,7 +110,7 @@ def select_tokens(scores: torch.Tensor, feats: torch.Tensor, k: int, homogeneous
         return top, torch.zeros_like(top)
     labels, centers = dpc_knn(feats, k, dpc_k)
     f = feats.float()
-    lab_np, cen_np, top_np = labels.cpu().numpy(), centers.cpu().numpy(), top.cpu().numpy()
+    lab_np, top_np = labels.cpu().numpy(), top.cpu().numpy()
     dist_to_center = torch.linalg.vector_norm(f - torch.gather(
         f, 1, torch.gather(centers, 1, labels)[:, :, None].expand_as(f)), dim=-1).cpu().numpy()  # (B, L)
     homog = np.zeros((b, n), dtype=bool)

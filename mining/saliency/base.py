@@ -104,6 +104,10 @@ def get_backend(name: str, **kwargs) -> SaliencyBackend:
 
 
 def available_backends() -> list[str]:
-    """Names of all registered backends."""
+    """Names of all registered backends (saliency maps and learned patch rankers)."""
     import mining.saliency  # noqa: F401
+    try:
+        import mining.ranking  # noqa: F401
+    except ImportError:
+        pass
     return sorted(_REGISTRY)
