@@ -54,6 +54,16 @@ def category_of(class_id: int) -> str:
     return "other"
 
 
+class ConstantSaliency:
+    """All-zero maps, for presets whose selection ignores saliency."""
+
+    name = "(none)"
+    weight_free = True
+
+    def predict_batch(self, images):
+        return [np.zeros(im.shape[:2], np.float32) for im in images]
+
+
 def load_dataset(data: Path, limit: int | None = None, start: int = 0):
     """List of (image path, (M,4) int boxes, (M,) class ids), images sorted by name."""
     ann = defaultdict(list)
@@ -104,19 +114,19 @@ def run(items, config, backend, batch: int = 8) -> dict:
     hits = defaultdict(list)
     n_patches = 0
     elapsed = 0.0
-    per_image_hits = []
+    per_object_image = []
     for s in range(0, len(items), batch):
         chunk = items[s : s + batch]
         images = [read_rgb(p) for p, _, _ in chunk]
         t0 = time.perf_counter()
         sels = select_patches_batch(images, config, backend)
         elapsed += time.perf_counter() - t0
-        for (p, boxes, cls), sel in zip(chunk, sels):
+        for j, ((p, boxes, cls), sel) in enumerate(zip(chunk, sels)):
             n_patches += len(sel.boxes)
             if len(boxes) == 0:
                 continue
             c = captured(boxes, sel.boxes)
-            per_image_hits.append(c)
+            per_object_image += [s + j] * len(c)
             n_obj += len(boxes)
             for ok, cid in zip(c, cls):
                 hits["all"].append(ok)
@@ -133,7 +143,16 @@ def run(items, config, backend, batch: int = 8) -> dict:
         "objects_by_category": {k: counts.get(k, 0) for k in [*CATEGORIES, "road narrows (24)"]},
         "patches_per_image": n_patches / max(len(items), 1),
         "ms_per_image": 1000.0 * elapsed / max(len(items), 1),
+        "_hits": np.array(hits["all"], bool),
+        "_image_of_object": np.array(per_object_image, np.int64),
     }
+
+
+def split_capture(res: dict, split: int) -> tuple[float, float]:
+    """Capture on images [0, split) and [split, end) of the run (validation split)."""
+    h, im = res["_hits"], res["_image_of_object"]
+    a, b = h[im < split], h[im >= split]
+    return (float(a.mean()) if len(a) else float("nan"), float(b.mean()) if len(b) else float("nan"))
 
 
 def fmt(x: float) -> str:
@@ -178,25 +197,19 @@ def run_all(data: Path, limit, start, presets, backends, split: int | None) -> s
     rows = []
     for preset in presets:
         cfg = get_preset(preset)
-        for bname in backends:
-            backend = make_backend("saliency", bname)
+        # a preset that keeps every candidate (baseline-unfiltered) does not depend on the
+        # saliency map: run it once, with a constant map
+        saliency_free = all(lv.k <= 0 and lv.apv_threshold < 0 for lv in cfg.levels)
+        for bname in (["(none)"] if saliency_free else backends):
+            backend = ConstantSaliency() if saliency_free else make_backend("saliency", bname)
             res = run(items, cfg, backend)
-            halves = None
-            if split:
-                a = run_items_subset(res, items, cfg, backend, split)
-                halves = a
+            halves = split_capture(res, split) if split else None
             rows.append((preset, bname, res, halves))
             print(f"{preset:<32} {bname:<24} capture {fmt(res['capture'])} "
                   f"patches/img {res['patches_per_image']:.1f} ms/img {res['ms_per_image']:.0f}", flush=True)
             print(json.dumps({"variant": preset, "saliency": bname, **{k: res[k] for k in
                   ('images', 'objects', 'capture', 'patches_per_image', 'ms_per_image')}}), flush=True)
     return render(rows, data, len(items), start)
-
-
-def run_items_subset(res, items, cfg, backend, split):  # noqa: D401 - filled by run_all
-    first = run(items[:split], cfg, backend)
-    second = run(items[split:], cfg, backend)
-    return first["capture"], second["capture"]
 
 
 def render(rows, data: Path, n_images: int, start: int) -> str:

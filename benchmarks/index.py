@@ -70,10 +70,12 @@ def load_data(args):
 
 
 class Row:
-    def __init__(self, name, kind, factory, index, search, build_s, nbytes, n, params=None, extra_bytes=0, note=""):
+    def __init__(self, name, kind, factory, index, search, build_s, nbytes, n, params=None, extra_bytes=0, note="",
+                 fixed_bytes=0):
         self.name, self.kind, self.factory, self.index = name, kind, factory, index
         self.search, self.build_s, self.nbytes, self.n = search, build_s, nbytes, n
         self.params, self.extra_bytes, self.note = params or {}, extra_bytes, note
+        self.fixed_bytes = fixed_bytes  # size of the trained, empty index (centroids, OPQ, codebooks)
 
 
 def index_bytes(index) -> int:
@@ -108,6 +110,8 @@ def measure(row: Row, qeval, gt, timing_queries: int):
         "recall_at_16": round(recall, 4),
         "bytes_per_vector": round(row.nbytes / row.n, 1),
         "extra_disk_bytes_per_vector": round(row.extra_bytes / row.n, 1),
+        "fixed_bytes": int(row.fixed_bytes),
+        "marginal_bytes_per_vector": round((row.nbytes - row.fixed_bytes) / row.n, 1),
         "ms_per_query": round(1e3 * float(np.median(t1)), 3),
         "ms_per_query_batch64": round(1e3 * float(np.median(t64)), 3),
         "build_s": round(row.build_s, 1),
@@ -145,10 +149,14 @@ def build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
         del idx
         gc.collect()
     if want & {"ivfpq", "ivfpq-refine"}:
-        plan = sizing.plan_index(n, d, "ivfpq-refine")
+        budget = args.budget_bytes_per_vector * n if args.budget_bytes_per_vector else None
+        plan = sizing.plan_index(n, d, "ivfpq-refine", memory_budget_bytes=budget)
+        if args.factory:  # explore other IVF-PQ shapes with the same training sample size
+            plan.factory = args.factory
         sel = rng.choice(n, plan.n_train, replace=False)
         with core.Timer() as t_train:
             idx = core.train_index(plan, x[np.sort(sel)], seed=args.seed)
+        fixed = index_bytes(idx)
         with core.Timer() as t_add:
             core.add_vectors(idx, x, ids)
         build = t_train.s + t_add.s
@@ -157,7 +165,7 @@ def build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
         if "ivfpq" in want:
             p, r = core.tune("ivfpq", idx, lambda q, k, pp: faiss_search(idx, pp)(q, k)[1], qtune, gt_tune,
                              k=K, recall_target=args.recall_target, nlist=plan.nlist)
-            yield Row("ivfpq", "ivfpq", plan.factory, idx, faiss_search(idx, {}), build, nb, n, p)
+            yield Row("ivfpq", "ivfpq", plan.factory, idx, faiss_search(idx, {}), build, nb, n, p, fixed_bytes=fixed)
         if "ivfpq-refine" in want:
             # exact vectors as float16, memory-mapped from a file in patch_id order (as a published version)
             order = np.argsort(ids)
@@ -181,7 +189,7 @@ def build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
                              k=K, recall_target=args.recall_target, nlist=plan.nlist)
             yield Row("ivfpq-refine (exact re-rank, float16 mmap)", "ivfpq-refine", plan.factory + " + re-rank",
                       idx, refine_search, build, nb, n, p, extra_bytes=os.path.getsize(path),
-                      note="shares the ivfpq index")
+                      note="shares the ivfpq index", fixed_bytes=fixed)
         del idx
         gc.collect()
     if "sq8" in want:
@@ -218,12 +226,13 @@ def write_results(rows, meta):
         f"(+{meta['tune_queries']} tuning queries), recall@16 against exact inner-product search on the same vectors. "
         f"Machine: {meta['machine']}. Run: `{meta['command']}` ({meta['date']}).",
         "",
-        "| index | factory | recall@16 | index B/vector | + disk B/vector | ms/query (batch 1) | ms/query (batch 64) | build s | params |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| index | factory | recall@16 | index B/vector | of which fixed MB | + disk B/vector | ms/query (batch 1) | ms/query (batch 64) | build s | params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | `{r['factory']}` | {r['recall_at_16']:.3f} | {r['bytes_per_vector']:.0f} | "
+            f"{r['fixed_bytes'] / 1e6:.1f} | "
             f"{r['extra_disk_bytes_per_vector']:.0f} | {r['ms_per_query']:.3f} | {r['ms_per_query_batch64']:.3f} | "
             f"{r['build_s']:.1f} | {json.dumps(r['params']) if r['params'] else '-'} {('; ' + r['note']) if r['note'] else ''} |"
         )
@@ -256,6 +265,9 @@ def main(argv=None):
     ap.add_argument("--recall-target", type=float, default=0.95)
     ap.add_argument("--opq-train", type=int, default=20_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-bytes-per-vector", type=float, default=None,
+                    help="memory budget of the IVF rows in bytes per vector (the sizing rule picks M), e.g. 80")
+    ap.add_argument("--factory", default=None, help="override the IVF-PQ factory string (ivfpq rows), e.g. OPQ64_512,IVF1024,PQ64x8")
     ap.add_argument("--threads", type=int, default=0, help="OpenMP threads for faiss (0: faiss default)")
     args = ap.parse_args(argv)
     if args.threads:

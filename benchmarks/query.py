@@ -219,6 +219,8 @@ def main() -> int:
     ap.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "gtsdb" / "images"))
     ap.add_argument("--cache-dir", default="/tmp/mining-query-bench")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--faiss-threads", type=int, default=1,
+                    help="FAISS OpenMP threads (1, as in the query actor: clients are the parallelism)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     import logging
@@ -229,6 +231,9 @@ def main() -> int:
     from mining.embed import ClipEmbedder, ClipSpec
     from mining.query import QueryConfig, QueryEngine
 
+    import faiss
+
+    faiss.omp_set_num_threads(args.faiss_threads)
     t0 = time.perf_counter()
     if args.index:
         engine = QueryEngine(args.index, config=QueryConfig())

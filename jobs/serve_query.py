@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs for the actor (default 1 if the cluster has GPUs)")
     p.add_argument("--num-cpus", type=float, default=1, help="CPUs reserved for the actor (default 1)")
     p.add_argument("--max-concurrency", type=int, default=8, help="concurrent queries in the actor")
+    p.add_argument("--faiss-threads", type=int, default=1,
+                   help="OpenMP threads in the actor (FAISS and the torch CPU towers share them; default 1)")
     p.add_argument("--name", default=None, help="actor name (default rare-object-query)")
     p.add_argument("--namespace", default=None, help="namespace (default mining)")
     return p
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             args.index, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
             clip_random_init=args.clip_random_init, allowed_prefixes=args.allow_prefix, k_cap=args.k_cap,
             dedup_overlap=args.overlap, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
-            max_concurrency=args.max_concurrency, name=name, namespace=ns)
+            max_concurrency=args.max_concurrency, faiss_threads=args.faiss_threads, name=name, namespace=ns)
         if health.get("index_root") != args.index:
             print(f"note: actor {name!r} was already running on {health.get('index_root')!r}; "
                   f"stop it first to serve {args.index!r}", file=sys.stderr)

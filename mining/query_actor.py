@@ -45,11 +45,13 @@ class QueryActor:
         clip_model / clip_pretrained / clip_random_init: CLIP override; default = the manifest's model.
         allowed_prefixes: URI prefixes image queries may read (default: none, bytes only).
         k_cap: largest k. dedup_overlap: see ``QueryConfig``. device: torch device or None (auto).
+        faiss_threads: OpenMP threads in the actor process (FAISS, and torch's CPU towers, which share
+            the OpenMP pool); 1 = the parallelism comes from concurrent queries; None = library default.
     """
 
     def __init__(self, index_root: str, clip_model: str | None = None, clip_pretrained: str | None = None,
                  clip_random_init: bool = False, allowed_prefixes: Sequence[str] = (), k_cap: int = 1000,
-                 dedup_overlap: float | None = 0.0, device: str | None = None):
+                 dedup_overlap: float | None = 0.0, device: str | None = None, faiss_threads: int | None = 1):
         import ray
 
         from mining.embed import ClipSpec
@@ -57,6 +59,12 @@ class QueryActor:
 
         logging.basicConfig(level=logging.INFO)
         t0 = time.perf_counter()
+        if faiss_threads:
+            import faiss
+
+            # concurrent queries are the parallelism here; OpenMP inside one multi-query search
+            # only adds synchronisation stalls on a busy node
+            faiss.omp_set_num_threads(int(faiss_threads))
         self.index_root = index_root
         clip = None
         if clip_model:
@@ -159,7 +167,8 @@ def cluster_has_gpus() -> bool:
 def start_actor(index_root: str, *, clip_model: str | None = None, clip_pretrained: str | None = None,
                 clip_random_init: bool = False, allowed_prefixes: Sequence[str] = (), k_cap: int = 1000,
                 dedup_overlap: float | None = 0.0, num_gpus: float | None = None, num_cpus: float = 1,
-                max_concurrency: int = DEFAULT_MAX_CONCURRENCY, name: str = ACTOR_NAME,
+                max_concurrency: int = DEFAULT_MAX_CONCURRENCY, faiss_threads: int | None = 1,
+                name: str = ACTOR_NAME,
                 namespace: str = NAMESPACE, wait_s: float = 600):
     """Get or create the named detached query actor and wait until it answers ``health()``.
 
@@ -180,7 +189,8 @@ def start_actor(index_root: str, *, clip_model: str | None = None, clip_pretrain
     actor = cls.options(name=name, namespace=namespace, lifetime="detached", get_if_exists=True,
                         max_restarts=-1, max_task_retries=3, max_concurrency=int(max_concurrency),
                         num_gpus=num_gpus, num_cpus=num_cpus).remote(
-        index_root, clip_model, clip_pretrained, clip_random_init, list(allowed_prefixes), k_cap, dedup_overlap)
+        index_root, clip_model, clip_pretrained, clip_random_init, list(allowed_prefixes), k_cap, dedup_overlap,
+        None, faiss_threads)
     health = ray.get(actor.health.remote(), timeout=wait_s)
     return actor, health
 

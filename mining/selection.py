@@ -50,6 +50,7 @@ __all__ = [
     "box_sums",
     "score_apv",
     "score_id",
+    "score_apv_id_torch",
     "overlap_larger",
     "greedy_select",
     "greedy_select_grouped",
@@ -147,6 +148,14 @@ class SelectionConfig:
             by the parent's border can then still be centred in a patch, and saliency
             models that suppress regions touching the crop border (boolean maps) or blur
             at the border see them whole.
+        level1_tiles: improvement beyond the thesis (default 0 = thesis: one level-1 map
+            predicted on the whole image). When > 0, the level-1 map is the mean of the
+            whole-image map and a map stitched from maps predicted on overlapping square
+            tiles of side ``level1_tiles`` x the largest level-1 patch size (stride half a
+            tile; overlaps averaged). Models that downscale their input (SimpleNet's 256 px,
+            §3.1.3) then see small objects at a finer scale already at level 1, while the
+            whole-image term keeps tiles of empty sky from being amplified by their own
+            normalisation.
         scaled_to: (width, height) the sizes were scaled to, or None when unscaled.
     """
 
@@ -158,6 +167,7 @@ class SelectionConfig:
     cover_border: bool = False
     emit_levels: tuple[int, ...] | None = None
     context: float = 0.0
+    level1_tiles: float = 0.0
     scaled_to: tuple[int, int] | None = None
 
     def __post_init__(self):
@@ -169,6 +179,8 @@ class SelectionConfig:
             raise ValueError(f"margin must be in [0, 0.5), got {self.margin}")
         if self.context < 0:
             raise ValueError(f"context must be >= 0, got {self.context}")
+        if self.level1_tiles < 0:
+            raise ValueError(f"level1_tiles must be >= 0, got {self.level1_tiles}")
         if self.reference_width < 1:
             raise ValueError("reference_width must be >= 1 px")
         if self.emit_levels is not None:
@@ -636,6 +648,54 @@ def _as_map(m: np.ndarray, shape: tuple[int, int], who: str) -> np.ndarray:
     return m
 
 
+def score_apv_id_torch(maps, boxes: np.ndarray, region: np.ndarray, margin: float = 0.10, device=None):
+    """S_apv (Eq. 3.1) and S_id (Eq. 3.2) of boxes on several maps at once, with torch.
+
+    The GPU path of the selector: the maps are padded into one (R, H+1, W+1) integral
+    image tensor (``torch.cumsum``) and every box of every map is scored by one gather.
+    Numerically equal (float64) to :func:`score_apv` / :func:`score_id`.
+
+    Args:
+        maps: list of R (H_r, W_r) float maps in [0, 1] (numpy arrays or tensors).
+        boxes: (N, 4) int boxes x0, y0, x1, y1 in pixels of their own map.
+        region: (N,) int index of each box's map.
+        margin: Eq. 3.2 inner-rectangle margin (fraction of the side).
+        device: torch device (default: CUDA when available, else CPU).
+    Returns:
+        (apv, sid): two (N,) float64 numpy arrays.
+    """
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    b = np.asarray(boxes, np.int64)
+    if len(b) == 0:
+        return np.zeros(0), np.zeros(0)
+    hmax = max(int(m.shape[0]) for m in maps)
+    wmax = max(int(m.shape[1]) for m in maps)
+    stack = torch.zeros((len(maps), hmax + 1, wmax + 1), dtype=torch.float64, device=dev)
+    for r, m in enumerate(maps):
+        t = torch.as_tensor(np.asarray(m) if not torch.is_tensor(m) else m, device=dev, dtype=torch.float64)
+        stack[r, 1 : t.shape[0] + 1, 1 : t.shape[1] + 1] = t
+    ii = stack.cumsum(1).cumsum(2).reshape(len(maps), -1)
+    stride = wmax + 1
+    rg = torch.as_tensor(np.asarray(region, np.int64), device=dev)
+
+    def sums(bb: np.ndarray) -> torch.Tensor:
+        t = torch.as_tensor(bb, device=dev)
+        x0, y0, x1, y1 = t.unbind(1)
+        g = lambda y, x: ii[rg, y * stride + x]  # noqa: E731
+        return g(y1, x1) - g(y0, x1) - g(y1, x0) + g(y0, x0)
+
+    inner = _inner_boxes(b, margin)
+    area = torch.as_tensor(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).astype(np.float64), device=dev)
+    a_in = torch.as_tensor(((inner[:, 2] - inner[:, 0]) * (inner[:, 3] - inner[:, 1])).astype(np.float64), device=dev)
+    total, s_in = sums(b), sums(inner)
+    a_out = area - a_in
+    mean_in = s_in / a_in
+    mean_out = torch.where(a_out > 0, (total - s_in) / a_out.clamp(min=1), mean_in)
+    return (total / area).cpu().numpy(), (mean_in - mean_out).cpu().numpy()
+
+
 def _select_level(
     maps: list[np.ndarray],
     offsets: np.ndarray,
@@ -643,20 +703,21 @@ def _select_level(
     lv: LevelParams,
     margin: float,
     cover_border: bool,
+    device=None,
 ):
     """Score and greedily select candidates in several regions at once.
 
     maps[i] is the saliency map of crop i whose top-left is offsets[i] (x, y) in image
     pixels; parents[i] is the region (x0, y0, x1, y1, image px) candidates' centres must
-    lie in. Returns boxes in image pixels, ranking scores, region index per box.
+    lie in. ``device``: a CUDA torch device scores all regions in one batched torch op.
+    Returns boxes in image pixels, ranking scores, region index per box.
     """
-    all_boxes, all_apv, all_id, all_reg, all_thr = [], [], [], [], []
+    all_local, all_boxes, all_reg, all_thr = [], [], [], []
     for i, m in enumerate(maps):
         h, w = m.shape
         cand = _candidates(h, w, lv, cover_border)
         if len(cand) == 0:
             continue
-        ii = _integral(m)
         thr = lv.apv_threshold * float(m.mean()) if lv.adaptive_apv else lv.apv_threshold
         cand_img = cand + np.array([offsets[i][0], offsets[i][1]] * 2, np.int32)
         px0, py0, px1, py1 = parents[i]
@@ -667,28 +728,61 @@ def _select_level(
             cand, cand_img = cand[inside], cand_img[inside]
             if len(cand) == 0:
                 continue
-        apv, sid = _apv_id(ii, cand.astype(np.int64), margin)
+        all_local.append(cand.astype(np.int64))
         all_boxes.append(cand_img)
-        all_apv.append(apv)
-        all_id.append(sid)
         all_reg.append(np.full(len(cand), i, np.int64))
         all_thr.append(np.full(len(cand), thr))
     if not all_boxes:
         return np.zeros((0, 4), np.int32), np.zeros(0, np.float32), np.zeros(0, np.int64)
     boxes = np.concatenate(all_boxes)
-    apv = np.concatenate(all_apv)
-    sid = np.concatenate(all_id)
     reg = np.concatenate(all_reg)
     thr = np.concatenate(all_thr)
+    if device is not None and getattr(device, "type", str(device)) != "cpu":
+        apv, sid = score_apv_id_torch(maps, np.concatenate(all_local), reg, margin, device)
+    else:  # one integral image per region (numpy), no loop per box
+        parts = [_apv_id(_integral(maps[r[0]]), loc, margin) for loc, r in zip(all_local, all_reg)]
+        apv = np.concatenate([p[0] for p in parts])
+        sid = np.concatenate([p[1] for p in parts])
     valid = apv > thr if lv.apv_threshold >= 0 else np.ones(len(boxes), bool)
-    # k patches per REGION (per image at level 1, per level-1 patch at level 2)
     rank = sid if lv.rank == "id" else apv
+    # k patches per REGION (per image at level 1, per level-1 patch at level 2)
     idx = greedy_select_grouped(boxes, rank, reg, lv.k, lv.overlap, valid=valid)
     return boxes[idx], rank[idx].astype(np.float32), reg[idx]
 
 
+def _tile_level1(images, regions, maps, cfgs, backend):
+    """Level-1 maps blended with maps stitched from overlapping tiles (config.level1_tiles)."""
+    jobs, owners = [], []
+    for ri, (i, x0, y0, x1, y1) in enumerate(regions):
+        cfg = cfgs[i]
+        if cfg.level1_tiles <= 0:
+            continue
+        h, w = y1 - y0, x1 - x0
+        t = int(round(cfg.level1_tiles * max(cfg.levels[0].sizes)))
+        t = min(t, h, w)
+        if t >= max(h, w):
+            continue
+        tiles = candidate_grid(h, w, t, max(t // 2, 1), cover_border=True)
+        for tb in tiles:
+            jobs.append(np.ascontiguousarray(images[i][y0 + tb[1]:y0 + tb[3], x0 + tb[0]:x0 + tb[2]]))
+            owners.append((ri, tb))
+    if not jobs:
+        return maps
+    tile_maps = backend.predict_batch(jobs)
+    acc = {ri: np.zeros_like(maps[ri]) for ri, _ in owners}
+    cnt = {ri: np.zeros_like(maps[ri]) for ri, _ in owners}
+    for (ri, tb), tm in zip(owners, tile_maps):
+        tm = _as_map(tm, (tb[3] - tb[1], tb[2] - tb[0]), getattr(backend, "name", "?"))
+        acc[ri][tb[1]:tb[3], tb[0]:tb[2]] += tm
+        cnt[ri][tb[1]:tb[3], tb[0]:tb[2]] += 1.0
+    out = list(maps)
+    for ri in acc:
+        out[ri] = 0.5 * maps[ri] + 0.5 * acc[ri] / np.maximum(cnt[ri], 1.0)
+    return out
+
+
 def select_patches_batch(
-    images: Sequence[np.ndarray], config: SelectionConfig, backend: SaliencyBackend
+    images: Sequence[np.ndarray], config: SelectionConfig, backend: SaliencyBackend, device=None
 ) -> list[Selection]:
     """Patch selection (thesis §3.1, Algorithm 2) for several images at once.
 
@@ -702,6 +796,10 @@ def select_patches_batch(
         images: list of (H_i, W_i, 3) uint8 RGB images (sizes may differ).
         config: a :class:`SelectionConfig`; scaled to each image's width inside.
         backend: a :class:`~mining.saliency.base.SaliencyBackend`.
+        device: where candidates are scored; default: the backend's ``device``
+            attribute if it has one (SimpleNet on CUDA -> the torch path of
+            :func:`score_apv_id_torch`, batched over all regions of all images), else
+            numpy on CPU. Results are identical either way.
     Returns:
         one :class:`Selection` per image, boxes ordered by level then selection order.
         An image smaller than the smallest level-1 patch gets one whole-frame patch
@@ -713,6 +811,8 @@ def select_patches_batch(
     images = list(images)
     for im in images:
         check_image(im)
+    if device is None:
+        device = getattr(backend, "device", None)
     n = len(images)
     cfgs = [config.scaled(im.shape[1], im.shape[0]) for im in images]
     out: list[Selection | None] = [None] * n
@@ -743,6 +843,8 @@ def select_patches_batch(
         crops = [np.ascontiguousarray(images[r[0]][b[1]:b[3], b[0]:b[2]]) for r, b in zip(regions, bounds)]
         maps = backend.predict_batch(crops)
         maps = [_as_map(m, c.shape[:2], getattr(backend, "name", "?")) for m, c in zip(maps, crops)]
+        if li == 0:
+            maps = _tile_level1(images, regions, maps, cfgs, backend)
         offsets = np.array([(b[0], b[1]) for b in bounds], np.int64)
         parents = np.array([r[1:] for r in regions], np.int64)
         # all images share the config's level structure; sizes may differ per image width
@@ -753,7 +855,7 @@ def select_patches_batch(
         for lv, ris in by_cfg.items():
             cfg0 = cfgs[regions[ris[0]][0]]
             b, s, rr = _select_level(
-                [maps[j] for j in ris], offsets[ris], parents[ris], lv, cfg0.margin, cfg0.cover_border
+                [maps[j] for j in ris], offsets[ris], parents[ris], lv, cfg0.margin, cfg0.cover_border, device
             )
             boxes_l.append(b)
             scores_l.append(s)

@@ -57,7 +57,11 @@ def test_sizing_rules():
             assert p.opq_dout % p.pq_m == 0, "OPQ output dim divides evenly by M"
             assert p.factory.startswith(f"OPQ{p.pq_m}_{p.opq_dout},IVF{p.nlist},PQ{p.pq_m}")
     big = sizing.plan_index(1_000_000, 512, "ivfpq-refine")
-    assert big.factory == "OPQ64_256,IVF4096,PQ64x8" and big.bytes_per_vector <= 80
+    assert big.factory == "OPQ64_512,IVF4096,PQ64x8"  # 8 dims per sub-quantizer, no dimension cut
+    goal = sizing.plan_index(1_000_000, 512, "ivfpq-refine", memory_budget_bytes=80 * 1_000_000)
+    assert goal.factory == "OPQ56_448,IVF4096,PQ56x8" and goal.bytes_per_vector <= 80
+    # fixed bytes (OPQ matrix, centroids, codebooks) are part of the budget: smaller N -> smaller M
+    assert sizing.plan_index(200_000, 512, "ivfpq-refine", memory_budget_bytes=80 * 200_000).pq_m < goal.pq_m
     # the auto rule: tiny -> flat; budget too small for flat -> sq8; large -> ivfpq-refine
     assert sizing.choose_kind(100, 512) == "flat"
     assert sizing.choose_kind(10_000, 512) == "flat"

@@ -43,6 +43,7 @@ def test_build_with_ray_tasks_matches_local(ray_local, tmp_path):
     m_ray = mi.build_index(data, str(tmp_path / "ray"), kind="sq8", use_ray=True, n_parts=3, verbose=False)
     m_loc = mi.build_index(data, str(tmp_path / "loc"), kind="sq8", use_ray=False, n_parts=1, verbose=False)
     assert m_ray["used_ray"] and m_ray["n_parts"] == 3 and m_ray["n"] == 900
+    assert not m_loc["used_ray"] and m_loc["n_parts"] == 1
     q = mixture().sample(20, seed=3)
     s1, i1 = mi.open_index(str(tmp_path / "ray")).search(q, 8)
     s2, i2 = mi.open_index(str(tmp_path / "loc")).search(q, 8)

@@ -361,3 +361,18 @@ def test_bad_inputs():
 
     with pytest.raises(ValueError, match="shape"):
         select_patches(np.zeros((400, 800, 3), np.uint8), get_preset("baseline-filtered"), Wrong())
+
+
+def test_torch_scoring_path_equals_numpy():
+    torch = pytest.importorskip("torch")  # noqa: F841
+    from mining.selection import score_apv_id_torch
+
+    rng = np.random.default_rng(3)
+    maps = [rng.random((30, 40)).astype(np.float32), rng.random((25, 20)).astype(np.float32)]
+    b0 = candidate_grid(30, 40, 10, 5)
+    b1 = candidate_grid(25, 20, 7, 3)
+    boxes = np.concatenate([b0, b1])
+    region = np.array([0] * len(b0) + [1] * len(b1))
+    apv, sid = score_apv_id_torch(maps, boxes, region, 0.10, device="cpu")
+    np.testing.assert_allclose(apv, np.concatenate([score_apv(maps[0], b0), score_apv(maps[1], b1)]), atol=1e-6)
+    np.testing.assert_allclose(sid, np.concatenate([score_id(maps[0], b0), score_id(maps[1], b1)]), atol=1e-6)

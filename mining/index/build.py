@@ -14,7 +14,6 @@ vectors drifted past ``drift_ratio`` x the error measured at training time.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import os
 import shutil
@@ -26,10 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mining.fs import get_fs, join
+from mining.fs import get_fs
 from mining.index import core, publish, sizing
 from mining.index.search import (INDEX_FILE, META_COLUMNS, META_FILE, PARAMS_FILE, TRAINED_FILE, VECTORS_FILE,
-                                 PatchIndex, open_index, read_index_file, write_meta)
+                                 PatchIndex, open_index, write_meta)
 from mining.store import dataset_info, embeddings_from_arrow, read_ledger
 
 log = logging.getLogger(__name__)

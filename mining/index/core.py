@@ -271,12 +271,14 @@ def tune(
     k: int = 16,
     recall_target: float = 0.95,
     nlist: int = 0,
+    margin: float = 0.005,
 ) -> tuple[dict, float]:
     """Smallest search parameters reaching ``recall_target`` (recall@k against ``truth`` ids).
 
     ``search_fn(queries, k, params) -> ids (Q, k)`` runs the real search path (with re-rank).
-    IVF: nprobe over powers of two up to nlist (ivfpq-refine: for each nprobe, k_factor in 4, 8, 16,
-    cheapest first). HNSW: efSearch over 16..1024. Flat/SQ8: nothing to tune.
+    IVF: nprobe over powers of two up to nlist (ivfpq-refine: for each nprobe, k_factor in 4, 8, 16, 32,
+    cheapest first). The tuning queries must reach ``recall_target + margin`` (sampling noise: on
+    other queries of the same distribution the recall was ~0.005 lower here). HNSW: efSearch over 16..1024. Flat/SQ8: nothing to tune.
     When the target is not reachable, returns the parameters with the best recall, smallest first
     (recall within 0.002 of the best).
     Returns: (params, measured recall).
@@ -287,7 +289,7 @@ def tune(
         grid = [{"efSearch": e} for e in (16, 32, 64, 128, 256, 512, 1024) if e >= k]
     else:
         nprobes = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if p < nlist] + [nlist]
-        kfs = (4, DEFAULT_K_FACTOR, 16) if kind == "ivfpq-refine" else (None,)
+        kfs = (4, DEFAULT_K_FACTOR, 16, 32) if kind == "ivfpq-refine" else (None,)
         grid = [{"nprobe": p, **({"k_factor": kf} if kf else {})} for p in nprobes for kf in kfs]
     tried = []
     best = 0.0
@@ -296,7 +298,7 @@ def tune(
         tried.append((params, r))
         best = max(best, r)
         log.info("tune %s %s recall@%d=%.4f", kind, params, k, r)
-        if r >= recall_target:
+        if r >= min(1.0, recall_target + margin):
             return params, r
         if best >= 0.999:
             break

@@ -81,7 +81,7 @@ class BooleanMapSaliency(SaliencyBackend):
 
     weight_free = True
 
-    def __init__(self, work_size: int = 256, step: int = 8, blur_frac: float = 0.02):
+    def __init__(self, work_size: int = 256, step: int = 16, blur_frac: float = 0.02):
         self.work_size = int(work_size)
         self.step = int(step)
         self.blur_frac = float(blur_frac)
