@@ -94,7 +94,8 @@ def read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
 
 
-def make_backend(selector: str, saliency: str | None):
+def make_backend(selector: str, saliency: str | None, checkpoint: str | None = None, random_init: bool = False):
+    """The saliency backend for ``--selector`` (saliency maps or a learned ranker's maps)."""
     from mining.saliency import get_backend
     from mining.saliency.base import available_backends
 
@@ -102,10 +103,19 @@ def make_backend(selector: str, saliency: str | None):
         return get_backend(saliency or DEFAULT_SALIENCY)
     if selector not in available_backends():
         raise SystemExit(
-            f"selector {selector!r} is not registered (mining.ranking did not register it); "
+            f"error: selector {selector!r} is not registered (mining.ranking did not register it); "
             f"available backends: {available_backends()}"
         )
-    return get_backend(selector)
+    kwargs = {}
+    if checkpoint:
+        kwargs["checkpoint"] = checkpoint
+    if random_init:
+        kwargs["random_init"] = True
+    try:
+        return get_backend(selector, **kwargs)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        raise SystemExit(f"error: cannot create the {selector!r} ranker: {e} "
+                         f"(pass --ranker-checkpoint PATH, or --ranker-random-init for a smoke run)") from None
 
 
 def run(items, config, backend, batch: int = 8) -> dict:
@@ -169,7 +179,6 @@ def print_table(res: dict, title: str) -> None:
 
 
 def weight_free_backends() -> list[str]:
-    from mining.saliency import get_backend
     from mining.saliency.base import _REGISTRY, available_backends
 
     names = []
@@ -209,10 +218,24 @@ def run_all(data: Path, limit, start, presets, backends, split: int | None) -> s
                   f"patches/img {res['patches_per_image']:.1f} ms/img {res['ms_per_image']:.0f}", flush=True)
             print(json.dumps({"variant": preset, "saliency": bname, **{k: res[k] for k in
                   ('images', 'objects', 'capture', 'patches_per_image', 'ms_per_image')}}), flush=True)
-    return render(rows, data, len(items), start)
+    return render(rows, data, len(items), start, split)
 
 
-def render(rows, data: Path, n_images: int, start: int) -> str:
+NOTES = """\
+Presets: the first four are the thesis' variants with Tables A.1-A.4's parameters, unchanged
+(sizes scaled from 3848 px to 1360 px width: 896/448/224 -> 317/158/79 px; min_patch_size 32, so the
+thesis' 224-px no-upscaling rule is not applied at this resolution). `hierarchical-adaptive`,
+`hierarchical-context` and `hierarchical-pooled` keep Table A.4's sizes, strides, k and overlap (<= 35
+patches) and each adds one change: relative level-2 S_apv threshold (> the crop's mean instead of 0.3);
++ 25 % context around each level-1 patch for the recomputed saliency (level-2 centres stay inside it);
++ one shared budget of 30 level-2 patches per image instead of 6 per level-1 patch.
+Backends: `spectral-residual`, `fine-grained` = OpenCV; `spectral-residual-ms` = Lab spectral residual at
+64/128/256 px; `colour-contrast` = multi-scale Lab centre-surround; `boolean-map` = Boolean Map Saliency
+(Zhang & Sclaroff 2013); `sr-bms` = mean of `spectral-residual-ms` and `boolean-map`. All weight-free.
+The design choices were made looking at images 0-99 only; 100-299 were not used for them."""
+
+
+def render(rows, data: Path, n_images: int, start: int, split: int | None = None) -> str:
     cats = [*CATEGORIES, "road narrows (24)"]
     lines = [
         "## Patch selection: capture (thesis §4.2, Table 4.2 form)",
@@ -226,7 +249,7 @@ def render(rows, data: Path, n_images: int, start: int) -> str:
     has_split = any(r[3] for r in rows)
     head = "| model (patches/image) | saliency | all | " + " | ".join(cats) + " | ms/image |"
     if has_split:
-        head = head[:-1] + " imgs 0-149 | imgs 150-299 |"
+        head = head[:-1] + f" imgs 0-{split - 1} (tuning) | imgs {split}-{n_images - 1} (held out) |"
     lines.append(head)
     lines.append("|" + "---|" * (head.count("|") - 1))
     for preset, bname, res, halves in rows:
@@ -239,7 +262,10 @@ def render(rows, data: Path, n_images: int, start: int) -> str:
     lines.append("")
     lines.append("Objects per group: " + ", ".join(f"{c} {rows[0][2]['objects_by_category'][c]}" for c in cats) if rows else "")
     lines.append("")
-    lines.append("Reproduce: `python benchmarks/capture.py --data ../shared/data/gtsdb --all`")
+    lines.append(NOTES)
+    lines.append("")
+    lines.append("Reproduce: `python benchmarks/capture.py --data ../shared/data/gtsdb --all` "
+                 "(one configuration: `--variant <preset> --saliency <backend>`; the default pair without flags).")
     return "\n".join(lines)
 
 
@@ -251,11 +277,15 @@ def main(argv=None) -> int:
     ap.add_argument("--saliency", default=None, help=f"saliency backend for --selector saliency (default {DEFAULT_SALIENCY})")
     ap.add_argument("--selector", default="saliency", choices=["saliency", "ltrp", "kpp"],
                     help="saliency: use --saliency; ltrp/kpp: the learned rankers registered by mining.ranking")
+    ap.add_argument("--ranker-checkpoint", default=None, help="checkpoint of the ltrp/kpp ranker")
+    ap.add_argument("--ranker-random-init", action="store_true", help="SMOKE RUNS ONLY: random ranker weights")
     ap.add_argument("--limit", type=int, default=None, help="use the first N images")
     ap.add_argument("--start", type=int, default=0, help="skip the first N images (validation splits)")
     ap.add_argument("--batch", type=int, default=8, help="images per select_patches_batch call")
     ap.add_argument("--all", action="store_true", help="every preset x weight-free backend; write RESULTS.md")
-    ap.add_argument("--split", type=int, default=150, help="with --all: also report images [0, split) and [split, end)")
+    ap.add_argument("--split", type=int, default=100,
+                    help="with --all: also report images [0, split) (used while designing the improved "
+                         "presets) and [split, end) (held out); 0 = off")
     ap.add_argument("--no-write", action="store_true", help="with --all: do not write RESULTS.md")
     args = ap.parse_args(argv)
 
@@ -266,7 +296,7 @@ def main(argv=None) -> int:
 
     if args.all:
         section = run_all(args.data, args.limit, args.start, list(PRESETS), weight_free_backends(),
-                          args.split if args.split and args.limit is None and args.start == 0 else None)
+                          args.split if args.split and args.start == 0 and (args.limit is None or args.limit > args.split) else None)
         print(section)
         if not args.no_write:
             write_results(section)
@@ -280,7 +310,7 @@ def main(argv=None) -> int:
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
-    backend = make_backend(args.selector, args.saliency)
+    backend = make_backend(args.selector, args.saliency, args.ranker_checkpoint, args.ranker_random_init)
     sal_name = getattr(backend, "name", args.saliency)
     items = load_dataset(args.data, args.limit, args.start)
     res = run(items, cfg, backend, batch=args.batch)

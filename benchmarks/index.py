@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mining.index import core, sizing  # noqa: E402
+from mining.index.search import open_vectors  # noqa: E402
 from mining.index.synthetic import ClusteredMixture  # noqa: E402
 
 K = 16
@@ -42,7 +43,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 BEGIN, END = "<!-- index:begin -->", "<!-- index:end -->"
 NOTES = (
     "index B/vector = size of the written FAISS index / N (what is resident in RAM); + disk B/vector = the "
-    "float16 exact vectors of ivfpq-refine, memory-mapped, only the re-ranked candidate rows are read. "
+    "float16 exact vectors of ivfpq-refine, memory-mapped (MAP_POPULATE: page cache, not anonymous memory). "
     "`ivfpq` and `ivfpq-refine` share one trained and filled index (same build_s); `hnsw` and the thesis' "
     "HNSW32 row share one graph (the thesis row keeps faiss' default efSearch=16). OPQ training budget: "
     "`mining/index/core.py` (OPQ_NITER, OPQ_NITER_PQ_0, OPQ_MAX_TRAIN), the same for the thesis' OPQ64_128,PQ64 row. "
@@ -175,7 +176,7 @@ def build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
             mm[:] = x[order]
             mm.flush()
             del mm
-            vec = np.load(path, mmap_mode="r")
+            vec = open_vectors(path)  # as open_index does (MAP_POPULATE memory map)
 
             def refine_search(q, k, pp):
                 pp = dict(pp)

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import faiss
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 import mining.index as mi  # noqa: E402
 from mining.index import build as ib  # noqa: E402
 from mining.index import core, publish, sizing  # noqa: E402
 from mining.index.search import TRAINED_FILE  # noqa: E402
 from mining.store import embeddings_from_arrow, open_patches, read_ledger  # noqa: E402
-from index_helpers import DIM, mixture, write_store  # noqa: E402
+from mining.index.testing import DIM, mixture, write_store  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

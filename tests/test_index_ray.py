@@ -8,10 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
 import mining.index as mi  # noqa: E402
-from index_helpers import mixture, write_store  # noqa: E402
+from mining.index.testing import mixture, write_store  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

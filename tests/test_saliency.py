@@ -111,7 +111,7 @@ def _randomise_bn(module, seed):
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
 
 
-def test_simplenet_loads_official_resnet_layout_and_matches_its_forward(tmp_path):
+def test_simplenet_loads_official_resnet_layout_and_matches_its_forward(tmp_path, monkeypatch):
     from mining.saliency.simplenet import SimpleNetSaliency
 
     torch.manual_seed(0)
@@ -127,9 +127,12 @@ def test_simplenet_loads_official_resnet_layout_and_matches_its_forward(tmp_path
     for k in ("encoder.conv1.weight", "encoder.layer4.2.bn3.running_var", "deconv_layer5.2.bias"):
         src = "module." + k.replace("encoder.", "resnet.")
         torch.testing.assert_close(mine[k], sd[src])
-    x = torch.randn(1, 3, 256, 256)
+    x = torch.randn(1, 3, 64, 64)  # fully convolutional: a small input keeps the test fast
     with torch.no_grad():
         torch.testing.assert_close(be.model(x), ref(x), rtol=1e-4, atol=1e-5)
+    import mining.saliency.simplenet as sn
+
+    monkeypatch.setattr(sn, "INPUT_SIZE", 64)
     img = np.random.default_rng(0).integers(0, 255, (90, 160, 3), dtype=np.uint8)
     m = be.predict(img)
     assert m.shape == (90, 160) and m.dtype == np.float32 and 0 <= m.min() and m.max() <= 1
@@ -139,15 +142,18 @@ def test_simplenet_loads_official_resnet_layout_and_matches_its_forward(tmp_path
 def test_simplenet_official_layout_other_encoders(encoder):
     from mining.saliency.simplenet import SimpleNet, load_official_state_dict
 
+    with torch.device("meta"):  # official torchvision layout, shapes only (fast)
+        feats = (torchvision.models.vgg16 if encoder == "vgg" else torchvision.models.densenet161)(weights=None).features
     if encoder == "vgg":
-        feats, prefix = torchvision.models.vgg16(weights=None).features, "vgg."
+        prefix = "vgg."
         dec = {0: None, 1: (1024, 512), 2: (1024, 256), 3: (512, 128), 4: (256, 128)}
         last = 128
     else:
-        feats, prefix = torchvision.models.densenet161(weights=None).features, "dense."
+        prefix = "dense."
         dec = {0: (2208, 512), 1: (512 + 1056, 256), 2: (256 + 384, 192), 3: (192 + 192, 96), 4: (96 + 96, 128)}
         last = 128
-    sd = {"module." + prefix + k: v for k, v in feats.state_dict().items()}
+    sd = {"module." + prefix + k: (torch.randn(v.shape) if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype))
+          for k, v in feats.state_dict().items()}
     sd["module.conv_layer1.0.weight"] = sd["module." + prefix + "0.weight" if encoder == "vgg" else
                                            "module." + prefix + "conv0.weight"]  # an alias
     for i, io in dec.items():
@@ -165,14 +171,18 @@ def test_simplenet_official_layout_other_encoders(encoder):
     torch.testing.assert_close(model.state_dict()[first], sd["module.conv_layer1.0.weight"])
 
 
-def test_simplenet_errors(tmp_path):
+def test_simplenet_errors(tmp_path, monkeypatch):
     from mining.saliency.simplenet import SimpleNet, SimpleNetSaliency, load_official_state_dict
 
+    monkeypatch.delenv("MINING_SIMPLENET_WEIGHTS", raising=False)
     with pytest.raises(ValueError):
         SimpleNetSaliency()  # no weights
     with pytest.raises(NotImplementedError):
         SimpleNet("pnas")
     with pytest.raises(FileNotFoundError):
         load_official_state_dict(SimpleNet("resnet"), str(tmp_path / "missing.pt"))
+    monkeypatch.setenv("MINING_SIMPLENET_WEIGHTS", str(tmp_path / "missing.pt"))
+    with pytest.raises(FileNotFoundError):  # the env var is honoured
+        SimpleNetSaliency(device="cpu")
     with pytest.raises(RuntimeError):  # wrong layout is refused (strict)
         load_official_state_dict(SimpleNet("resnet"), {"module.resnet.conv1.weight": torch.zeros(1)})

@@ -1,4 +1,6 @@
 """Patch selection (thesis §3.1, Algorithm 2, Appendix A) against hand-computed cases."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -364,7 +366,7 @@ def test_bad_inputs():
 
 
 def test_torch_scoring_path_equals_numpy():
-    torch = pytest.importorskip("torch")  # noqa: F841
+    pytest.importorskip("torch")
     from mining.selection import score_apv_id_torch
 
     rng = np.random.default_rng(3)
@@ -376,3 +378,60 @@ def test_torch_scoring_path_equals_numpy():
     apv, sid = score_apv_id_torch(maps, boxes, region, 0.10, device="cpu")
     np.testing.assert_allclose(apv, np.concatenate([score_apv(maps[0], b0), score_apv(maps[1], b1)]), atol=1e-6)
     np.testing.assert_allclose(sid, np.concatenate([score_id(maps[0], b0), score_id(maps[1], b1)]), atol=1e-6)
+
+
+def test_grouped_greedy_with_per_group_budgets():
+    boxes = np.array([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [0, 0, 10, 10], [20, 0, 30, 10]])
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    groups = np.array([0, 0, 0, 1, 1])
+    k = np.array([2, 2, 2, 1, 1])  # budget of each candidate's group
+    assert greedy_select_grouped(boxes, scores, groups, k, 0.25).tolist() == [0, 1, 3]
+
+
+def test_improved_presets_keep_table_a4_and_budget():
+    a4 = PRESETS["hierarchical-filtered"]
+    for name in ("hierarchical-adaptive", "hierarchical-context", "hierarchical-pooled"):
+        cfg = PRESETS[name]
+        assert [lv.sizes for lv in cfg.levels] == [lv.sizes for lv in a4.levels]
+        assert [lv.strides for lv in cfg.levels] == [lv.strides for lv in a4.levels]
+        assert [lv.k for lv in cfg.levels] == [5, 6] and cfg.max_patches == 35
+        assert cfg.levels[1].adaptive_apv
+    assert PRESETS["hierarchical-context"].context == 0.25 and PRESETS["hierarchical-pooled"].levels[1].pooled
+
+
+def test_pooled_level2_budget_is_shared_across_regions():
+    # level 1 picks 2 regions; the left one holds three objects, the right one none
+    img = np.zeros((100, 200, 3), np.uint8)
+    for x in (5, 35, 65):
+        img[40:60, x:x + 20] = 255
+    img[:, 150:] = 20  # dim, uniform right part
+    lv1 = LevelParams((100,), (100,), -1.0, 2, 0.25)
+    lv2 = LevelParams((30,), (5,), -1.0, 2, 0.25)
+    per_region = SelectionConfig("r", (lv1, lv2), reference_width=200, min_patch_size=1)
+    pooled = SelectionConfig("p", (lv1, dataclasses.replace(lv2, pooled=True)), reference_width=200,
+                             min_patch_size=1)
+    a = select_patches(img, per_region, BrightnessBackend())
+    b = select_patches(img, pooled, BrightnessBackend())
+    assert (a.levels == 2).sum() == 4 and (b.levels == 2).sum() == 4
+    left = lambda s: int(((s.levels == 2) & (s.boxes[:, 2] <= 100)).sum())  # noqa: E731
+    assert left(a) == 2 and left(b) >= 3  # pooled spends the budget where the objects are
+
+
+def test_blank_frame_is_filtered_out_by_apv():
+    sel = select_patches(np.zeros((200, 400, 3), np.uint8), get_preset("baseline-filtered"), BrightnessBackend())
+    assert sel.boxes.shape == (0, 4) and sel.levels.shape == (0,) and sel.scores.shape == (0,)
+
+
+def test_level1_tiles_predict_on_tiles_and_blend():
+    # a backend without normalisation gives the same map on a tile as on the whole image,
+    # so the blended level-1 map -- and the selection -- must not change
+    lv = (LevelParams((50,), (25,), 0.01, 3, 0.25),)
+    plain = SelectionConfig("p", lv, reference_width=400, min_patch_size=1)
+    tiled = SelectionConfig("t", lv, reference_width=400, min_patch_size=1, level1_tiles=2.0)
+    be_p, be_t = BrightnessBackend(), BrightnessBackend()
+    a = select_patches(_scene(), plain, be_p)
+    b = select_patches(_scene(), tiled, be_t)
+    assert a.boxes.tolist() == b.boxes.tolist()
+    assert be_p.calls == [(200, 400)]
+    # 100-px tiles, stride 50: 3 rows x 7 columns
+    assert be_t.calls[0] == (200, 400) and be_t.calls[1:] == [(100, 100)] * 21

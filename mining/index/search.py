@@ -143,6 +143,29 @@ class PatchIndex:
         return f"PatchIndex(version={self.version!r}, kind={self.kind!r}, ntotal={self.ntotal}, dim={self.dim}, params={self.params})"
 
 
+def open_vectors(path: str, *, populate: bool = True) -> np.ndarray:
+    """Memory-map a ``.npy`` file of exact float16 vectors read-only, (N, D).
+
+    ``populate``: map all pages up front (``MAP_POPULATE``): the file stays page cache (shared,
+    evictable), but a query no longer takes a page fault per candidate row -- at 1M vectors the
+    faults of 512 random rows cost several ms per query here. Falls back to ``np.load(mmap_mode="r")``.
+    """
+    import mmap
+
+    if not populate or not hasattr(mmap, "MAP_POPULATE"):
+        return np.load(path, mmap_mode="r")
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+        if fortran or not shape or shape[0] == 0:
+            return np.load(path, mmap_mode="r")
+        mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+    arr = np.frombuffer(mm, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
+    return arr
+
+
 def read_meta(path: str) -> pa.Table:
     """Memory-map an Arrow IPC file (``meta.arrow``) as a Table."""
     source = pa.memory_map(path, "r")
@@ -187,5 +210,5 @@ def open_index(out_root: str, version: str | None = None) -> PatchIndex:
     index = read_index_file(vdir, manifest)
     meta = read_meta(os.path.join(vdir, META_FILE))
     vpath = os.path.join(vdir, VECTORS_FILE)
-    vectors = np.load(vpath, mmap_mode="r") if os.path.exists(vpath) else None
+    vectors = open_vectors(vpath) if os.path.exists(vpath) else None
     return PatchIndex(index, meta, manifest, params, vectors, version=version, path=vdir)

@@ -64,6 +64,15 @@ def _canonical(encoder: str) -> str:
     return enc
 
 
+def _materialise(module: nn.Module) -> nn.Module:
+    """Allocate a meta-device module on the CPU and give it fresh (random) parameters."""
+    module = module.to_empty(device="cpu")
+    for m in module.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()  # conv: kaiming-uniform; batch norm: weight 1, bias 0, running stats reset
+    return module
+
+
 def _block(cin: int, cout: int) -> nn.Sequential:
     # index 0 = conv, as in the official layout (deconv_layerN.0.weight)
     return nn.Sequential(
@@ -91,10 +100,14 @@ class SimpleNet(nn.Module):
 
         self.encoder_name = _canonical(encoder)
         timm_name, _, enc_ch, widths, last = _SPECS[self.encoder_name]
-        if self.encoder_name == "resnet":
-            self.encoder = timm.create_model(timm_name, pretrained=False, features_only=True)
-        else:
-            self.encoder = timm.create_model(timm_name, pretrained=False).features
+        # built on the meta device, then only the encoder is materialised: the classifier
+        # heads (VGG-16's is 120M parameters) are never allocated or initialised
+        with torch.device("meta"):
+            if self.encoder_name == "resnet":
+                enc = timm.create_model(timm_name, pretrained=False, features_only=True)
+            else:
+                enc = timm.create_model(timm_name, pretrained=False).features
+        self.encoder = _materialise(enc)
         c1, c2, c3, c4, c5 = enc_ch
         w0, w1, w2, w3, w4 = widths
         x = c5
@@ -209,9 +222,11 @@ class SimpleNetSaliency(SaliencyBackend):
     """SimpleNet as a saliency backend (needs the official SALICON weights).
 
     Args:
-        weights: path to an official checkpoint (``salicon_resnet.pt`` ...). Required
-            unless ``allow_random=True`` (tests only: random weights give meaningless maps).
-        encoder: ``"resnet"`` (default), ``"densenet"`` or ``"vgg"``; must match the file.
+        weights: path to an official checkpoint (``salicon_resnet.pt`` ...); default: the
+            environment variable ``MINING_SIMPLENET_WEIGHTS``. Required unless
+            ``allow_random=True`` (tests only: random weights give meaningless maps).
+        encoder: ``"resnet"``, ``"densenet"`` or ``"vgg"``; must match the file; default:
+            ``MINING_SIMPLENET_ENCODER`` or ``"resnet"``.
         device: torch device; default CUDA when available, else CPU.
         batch_size: images per forward pass in :meth:`predict_batch`.
     Raises:
@@ -220,10 +235,15 @@ class SimpleNetSaliency(SaliencyBackend):
 
     weight_free = False
 
-    def __init__(self, weights: str | None = None, encoder: str = "resnet", device=None,
+    def __init__(self, weights: str | None = None, encoder: str | None = None, device=None,
                  batch_size: int = 16, allow_random: bool = False):
+        weights = weights or os.environ.get("MINING_SIMPLENET_WEIGHTS") or None
+        encoder = encoder or os.environ.get("MINING_SIMPLENET_ENCODER") or "resnet"
         if weights is None and not allow_random:
-            raise ValueError("simplenet needs weights=<path to the official SALICON checkpoint>")
+            raise ValueError(
+                "simplenet needs weights=<path to the official SALICON checkpoint> "
+                "(or env MINING_SIMPLENET_WEIGHTS); no weights are downloaded"
+            )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = SimpleNet(encoder)
         if weights is not None:

@@ -53,7 +53,7 @@ def spectral_residual_map(channels: np.ndarray, blur_frac: float = 0.03) -> np.n
     f = np.fft.fft2(x, axes=(0, 1))
     amp = np.abs(f)
     log_a = np.log(amp + 1e-8).astype(np.float32)
-    resid = log_a - cv2.blur(log_a, (3, 3), borderType=cv2.BORDER_WRAP if False else cv2.BORDER_REFLECT)
+    resid = log_a - cv2.blur(log_a, (3, 3), borderType=cv2.BORDER_REFLECT)
     phase = f / (amp + 1e-8)
     s = np.abs(np.fft.ifft2(np.exp(resid) * phase, axes=(0, 1))) ** 2
     s = s.sum(axis=2).astype(np.float32)
@@ -82,7 +82,6 @@ class MultiScaleSpectralResidual(SaliencyBackend):
         if min(h, w) < 8:
             return np.zeros((h, w), np.float32)
         lab = _lab(image)
-        # equalise channel ranges: L in [0,100], a/b in about [-100, 100]
         acc = np.zeros((h, w), np.float32)
         used = 0
         for s in self.scales:

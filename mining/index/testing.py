@@ -1,4 +1,4 @@
-"""Helpers for the index tests: a real mining store (Parquet + ledger) of clustered vectors."""
+"""Test helpers of the index: a real mining store (Parquet + ledger) of clustered vectors (tests, examples)."""
 from __future__ import annotations
 
 import numpy as np
