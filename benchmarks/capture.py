@@ -249,7 +249,7 @@ def render(rows, data: Path, n_images: int, start: int, split: int | None = None
     has_split = any(r[3] for r in rows)
     head = "| model (patches/image) | saliency | all | " + " | ".join(cats) + " | ms/image |"
     if has_split:
-        head = head[:-1] + f" imgs 0-{split - 1} (tuning) | imgs {split}-{n_images - 1} (held out) |"
+        head = head + f" imgs 0-{split - 1} (tuning) | imgs {split}-{n_images - 1} (held out) |"
     lines.append(head)
     lines.append("|" + "---|" * (head.count("|") - 1))
     for preset, bname, res, halves in rows:

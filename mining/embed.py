@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -143,6 +144,8 @@ class ClipEmbedder:
         with torch.no_grad():
             self.dim = int(self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[-1])
         self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self._fwd_s = 0.0          # CPU: seconds spent in encode_image
+        self._fwd_events: list = []  # CUDA: (start, end) events, read lazily (no sync in the loop)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -215,12 +218,31 @@ class ClipEmbedder:
         outs = []
         for i in range(0, pixels.shape[0], bs):
             x = self.normalize_pixels(pixels[i:i + bs].to(self.device, non_blocking=True))
-            with self._autocast():
-                z = self.model.encode_image(x)
+            if self.device.type == "cuda":
+                ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                ev0.record()
+                with self._autocast():
+                    z = self.model.encode_image(x)
+                ev1.record()
+                self._fwd_events.append((ev0, ev1))
+            else:
+                t0 = time.perf_counter()
+                with self._autocast():
+                    z = self.model.encode_image(x)
+                self._fwd_s += time.perf_counter() - t0
             outs.append(F.normalize(z.float(), dim=-1).cpu())
         if not outs:
             return np.zeros((0, self.dim), np.float32)
         return torch.cat(outs).numpy()
+
+    def pop_forward_seconds(self) -> float:
+        """Seconds spent in the image tower's forward since the last call (CUDA: from events)."""
+        t = self._fwd_s
+        if self._fwd_events:
+            torch.cuda.synchronize(self.device)
+            t += sum(a.elapsed_time(b) for a, b in self._fwd_events) / 1e3
+        self._fwd_s, self._fwd_events = 0.0, []
+        return t
 
     def embed_crops(self, image: np.ndarray, boxes: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Crop + resize + embed: (H, W, 3) uint8 RGB frame and (N, 4) boxes -> (N, D) float32 normalised."""

@@ -127,6 +127,7 @@ class ShardMiner:
         self.backend = make_backend(self.cfg)
         self.sel_config = selection.get_preset(self.cfg.preset, **self.cfg.selection_overrides)
         self.batch_size = cfg.batch_size or self.embedder.default_batch_size()
+        self.embedder.pop_forward_seconds()
         self._select = selection.select_patches
 
     def info(self) -> dict:
@@ -261,6 +262,7 @@ class ShardMiner:
 
         out.extra["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         out.extra["stage_s"] = {k: round(v, 4) for k, v in stage.items()}
+        out.extra["forward_s"] = round(self.embedder.pop_forward_seconds(), 4)  # model forward inside "embed"
         out.extra["wall_s"] = round(time.perf_counter() - t_start, 4)
         record = write_shard(root, out, commit=False)
         stage["write"] += time.perf_counter() - t0
@@ -455,6 +457,7 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
         summary["errors"] += rec["num_errors"]
         for k, v in rec.get("stage_s", {}).items():
             summary["stage_s"][k] += v
+        summary["forward_s"] = summary.get("forward_s", 0.0) + rec.get("forward_s", 0.0)
         if progress:
             el = time.perf_counter() - t0
             print(f"  [{done_count}/{len(todo)}] {rec['shard_key']}: {rec['num_images']} images, {rec['num_patches']} patches, "
