@@ -126,8 +126,8 @@ def main(argv=None) -> int:
     print(f"model forward inside the run (timed in the actors, same moment, same load): {fin:.1f} s -> "
           f"in-run efficiency = {eff_in:.3f} (the share of actor wall time spent in the model)")
     print("stage share of actor time: " + ", ".join(f"{k} {v / max(actor_total, 1e-9):.3f}" for k, v in s["stage_s"].items()))
-    print("stage efficiency (forward / stage time): " + ", ".join(
-        f"{k} {fwd / n / v:.2f}" if v > 0 else f"{k} inf" for k, v in s["stage_s"].items()))
+    print("stage efficiency (forward time / stage time, both summed over actors): " + ", ".join(
+        f"{k} {fwd / v:.2f}" if v > 0 else f"{k} inf" for k, v in s["stage_s"].items()))
     if tmp_in:
         shutil.rmtree(tmp_in, ignore_errors=True)
     if not args.output:
