@@ -56,6 +56,12 @@ def mine_config(args: argparse.Namespace, date: str | None = None):
     )
 
 
+def runtime_kwargs(args: argparse.Namespace) -> dict:
+    """The runtime options as keyword arguments of ``mining.pipeline.run_mining``."""
+    return dict(address=args.address, num_actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+                max_attempts=args.max_attempts, use_gpu=args.use_gpu, images_per_dir_shard=args.images_per_shard)
+
+
 def setup_logging() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

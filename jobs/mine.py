@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from jobs._common import add_clip_args, add_runtime_args, add_selection_args, mine_config, setup_logging
+from jobs._common import add_clip_args, add_runtime_args, add_selection_args, mine_config, runtime_kwargs, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,13 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = mine_config(args)
     try:
-        summary = run_mining(args.input, args.output, cfg, address=args.address, num_actors=args.actors,
-                             cpus_per_actor=args.cpus_per_actor, max_attempts=args.max_attempts, use_gpu=args.use_gpu,
-                             images_per_dir_shard=args.images_per_shard)
-    except WeightsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
+        summary = run_mining(args.input, args.output, cfg, **runtime_kwargs(args))
+    except (WeightsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from jobs._common import add_clip_args, add_runtime_args, add_selection_args, mine_config, setup_logging
+from jobs._common import add_clip_args, add_runtime_args, add_selection_args, mine_config, runtime_kwargs, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,9 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = mine_config(args)
     try:
-        s = run_nightly(args.input, args.output, cfg, index_root=args.index, address=args.address,
-                        reload_actor=not args.no_reload, num_actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-                        max_attempts=args.max_attempts, use_gpu=args.use_gpu, images_per_dir_shard=args.images_per_shard)
+        s = run_nightly(args.input, args.output, cfg, index_root=args.index, reload_actor=not args.no_reload,
+                        **runtime_kwargs(args))
     except (WeightsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,6 @@ import time
 
 from mining.pipeline import MineConfig, format_summary, run_mining
 from mining.shards import list_shards
-from mining.store import committed_shards
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +51,9 @@ def run_nightly(input_spec: str, output_root: str, cfg: MineConfig, *, index_roo
     t0 = time.perf_counter()
     cfg = cfg.resolved()
     refs = list_shards(input_spec, images_per_dir_shard=mine_kwargs.pop("images_per_dir_shard", 64))
-    done = committed_shards(output_root)
-    new = [r for r in refs if r.uri not in done]
     summary = run_mining(input_spec, output_root, cfg, address=address, shards=refs, **mine_kwargs)
-    summary["new_shards"] = len(new)
-    summary["nothing_to_do"] = not new
+    summary["new_shards"] = summary["shards_total"] - summary["shards_skipped"]
+    summary["nothing_to_do"] = summary["new_shards"] == 0
     summary["index"] = None
     summary["reloaded"] = None
     if index_root:
@@ -65,8 +62,6 @@ def run_nightly(input_spec: str, output_root: str, cfg: MineConfig, *, index_roo
         manifest = update_index(output_root, index_root, **(index_kwargs or {}))
         summary["index"] = {k: manifest.get(k) for k in ("version", "kind", "n", "changed", "retrained") if k in manifest}
         if manifest.get("changed") and reload_actor:
-            import ray
-
             from mining.pipeline import _ray_init
 
             _ray_init(address)
@@ -74,7 +69,6 @@ def run_nightly(input_spec: str, output_root: str, cfg: MineConfig, *, index_roo
                 summary["reloaded"] = reload_query_actor()
             except Exception as e:  # noqa: BLE001 - the night's data is committed; report, don't fail
                 summary["reloaded"] = {"error": f"{type(e).__name__}: {e}"}
-            del ray
     summary["wall_s"] = round(time.perf_counter() - t0, 3)
     return summary
 

@@ -244,8 +244,7 @@ class ShardMiner:
                     out.add_error(rec.image_uri, "decode", err)
                     out.images.append(self._image_row(rec, None, 0, "error", err))
                     continue
-                self._mine_frame(rec, image, out, stage, pending_px, pending_rows, dev_image)
-                n_pending = sum(len(r) for r in pending_rows)
+                n_pending += self._mine_frame(rec, image, out, stage, pending_px, pending_rows, dev_image)
                 if n_pending >= self.batch_size:
                     flush()
             flush()
@@ -282,7 +281,8 @@ class ShardMiner:
                     run_id=self.cfg.run_id)
 
     def _mine_frame(self, rec, image: np.ndarray, out: ShardOutput, stage: dict, pending_px: list, pending_rows: list,
-                    dev_image=None) -> None:
+                    dev_image=None) -> int:
+        """Select, crop and queue one frame's patches for embedding; returns how many were queued."""
         import torch
 
         t0 = time.perf_counter()
@@ -293,7 +293,7 @@ class ShardMiner:
             reason = f"selection failed: {type(e).__name__}: {e}"
             out.add_error(rec.image_uri, "select", reason)
             out.images.append(self._image_row(rec, image, 0, "error", reason))
-            return
+            return 0
         stage["select"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         image_id = make_image_id(rec.image_uri)
@@ -318,6 +318,7 @@ class ShardMiner:
         if len(boxes) == 1 and tuple(boxes[0]) == (0, 0, w, h):
             status, reason = "ok", "smaller than the smallest patch: one whole-frame patch"
         out.images.append(self._image_row(rec, image, len(rows), status, reason))
+        return len(rows)
 
 
 # --------------------------------------------------------------------------- Ray driver

@@ -122,13 +122,10 @@ class QueryConfig:
 
 def overlap_larger(a: Sequence[float], b: Sequence[float]) -> float:
     """Overlap of two boxes (x0, y0, x1, y1; x1/y1 exclusive): intersection area / area of the
-    larger box, in [0, 1] (thesis §3.1.2 / §3.3.1)."""
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    area = max((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-    return float(iw * ih) / float(max(area, 1))
+    larger box, in [0, 1] (thesis §3.1.2 / §3.3.1). Scalar form of :func:`mining.selection.overlap_larger`."""
+    from mining.selection import overlap_larger as _overlap
+
+    return float(_overlap(np.asarray(a), np.asarray(b)))
 
 
 def dedup_per_image(image_codes: np.ndarray, boxes: np.ndarray, k: int, max_overlap: float | None) -> np.ndarray:
@@ -143,6 +140,8 @@ def dedup_per_image(image_codes: np.ndarray, boxes: np.ndarray, k: int, max_over
     Returns:
         (<=k,) int64 positions of the kept hits, in input order.
     """
+    from mining.selection import overlap_larger as _overlap_many
+
     n = len(image_codes)
     if max_overlap is None or max_overlap >= 1.0:
         return np.arange(min(n, k), dtype=np.int64)
@@ -153,7 +152,7 @@ def dedup_per_image(image_codes: np.ndarray, boxes: np.ndarray, k: int, max_over
     for i in range(n):
         prev = by_image.get(codes[i])
         b = bl[i]
-        if prev is not None and any(overlap_larger(b, p) > max_overlap for p in prev):
+        if prev is not None and (_overlap_many(b, prev) > max_overlap).any():
             continue
         by_image.setdefault(codes[i], []).append(b)
         kept.append(i)
@@ -189,24 +188,22 @@ def parse_box(box: Any) -> tuple[int, int, int, int] | None:
 
 
 def decode_image(data: bytes, what: str = "query image") -> np.ndarray:
-    """Encoded image bytes (JPEG/PNG/...) -> (H, W, 3) uint8 RGB.
+    """Encoded image bytes (JPEG/PNG/...) -> (H, W, 3) uint8 RGB, decoded exactly as the mining job
+    decodes frames (:func:`mining.decode.decode_image`: EXIF orientation, 16-bit, CMYK, pixel limit),
+    so a query box refers to the same upright frame as the mined boxes.
 
     Raises:
-        QueryError: empty or undecodable bytes.
+        QueryError: empty, undecodable or oversized bytes.
     """
-    from PIL import Image
+    from mining.decode import DecodeError
+    from mining.decode import decode_image as _decode
 
     if not data:
         raise QueryError(f"{what} is empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            arr = np.array(im.convert("RGB"))  # writable copy (torch.from_numpy)
-    except Exception as e:  # PIL raises many types for garbage input
-        raise QueryError(f"{what} is unreadable: {type(e).__name__}: {e}") from None
-    if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise QueryError(f"{what} has no pixels")
-    return arr
+        return _decode(data)
+    except DecodeError as e:
+        raise QueryError(f"{what} is unreadable: {e.reason}") from None
 
 
 def _norm_prefix(uri: str) -> str:
