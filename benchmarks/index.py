@@ -13,10 +13,11 @@ random subset of the vectors, removed from the database).  ``--tune-queries`` of
 nprobe/efSearch/k_factor to ``--recall-target`` (the same rule as the index build), the other
 ``--queries`` measure recall.  Ground truth: exact inner-product top-16 over the same database.
 
-Each distinct index is built once: ``ivfpq`` and ``ivfpq-refine`` share one trained+filled
-IVF-PQ (the refine row re-ranks its candidates with the exact float16 vectors, memory-mapped from
-a file), ``hnsw`` (tuned efSearch) and the thesis' ``HNSW32`` row (faiss' default efSearch=16)
-share one graph, ``flat`` is the thesis' exhaustive index.  Timings are medians; batch-1 over
+Each distinct index is built once: ``ivfpq`` (8-bit PQ, approximate scores) and ``ivfpq-refine``
+(4-bit fast-scan PQ whose k * k_factor candidates faiss' ``IndexRefine`` re-ranks with the exact
+float16 vectors of a memory-mapped refine file, the library's search path) are separate indexes;
+``hnsw`` (tuned efSearch) and the thesis' ``HNSW32`` row (faiss' default efSearch=16) share one
+graph; ``flat`` is the thesis' exhaustive index.  Timings are medians; batch-1 over
 ``--timing-queries`` single calls, batch-64 over 5 repeats.  The last printed line is JSON.
 """
 from __future__ import annotations
@@ -31,11 +32,12 @@ import time
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mining.index import core, sizing  # noqa: E402
-from mining.index.search import open_vectors  # noqa: E402
+from mining.index.search import REFINE_FILE, PatchIndex, open_refine, write_refine  # noqa: E402
 from mining.index.synthetic import ClusteredMixture  # noqa: E402
 
 K = 16
@@ -43,8 +45,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 BEGIN, END = "<!-- index:begin -->", "<!-- index:end -->"
 NOTES = (
     "index B/vector = size of the written FAISS index / N (what is resident in RAM); + disk B/vector = the "
-    "float16 exact vectors of ivfpq-refine, memory-mapped (MAP_POPULATE: page cache, not anonymous memory). "
-    "`ivfpq` and `ivfpq-refine` share one trained and filled index (same build_s); `hnsw` and the thesis' "
+    "float16 exact vectors of ivfpq-refine (refine.faiss, memory-mapped by faiss: page cache, not anonymous memory). "
+    "`ivfpq` (8-bit PQ) and `ivfpq-refine` (4-bit fast-scan PQ, labels = rows, faiss IndexRefine) are separate "
+    "indexes; ivfpq-refine's build_s includes writing the refine file; `hnsw` and the thesis' "
     "HNSW32 row share one graph (the thesis row keeps faiss' default efSearch=16). OPQ training budget: "
     "`mining/index/core.py` (OPQ_NITER, OPQ_NITER_PQ_0, OPQ_MAX_TRAIN), the same for the thesis' OPQ64_128,PQ64 row. "
     "Timings: medians, 1 OpenMP thread, on a machine shared with other jobs, so absolute build times are "
@@ -149,48 +152,54 @@ def build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
                       {"efSearch": 16}, note="same graph as hnsw")
         del idx
         gc.collect()
-    if want & {"ivfpq", "ivfpq-refine"}:
+    for kind in [kd for kd in ("ivfpq", "ivfpq-refine") if kd in want]:
+        # ivfpq: 8-bit PQ, approximate scores; ivfpq-refine: 4-bit fast-scan PQ candidates re-ranked by
+        # faiss.IndexRefine with the exact float16 vectors (memory-mapped refine file), as mining.index builds it
         budget = args.budget_bytes_per_vector * n if args.budget_bytes_per_vector else None
-        plan = sizing.plan_index(n, d, "ivfpq-refine", memory_budget_bytes=budget)
+        plan = sizing.plan_index(n, d, kind, memory_budget_bytes=budget)
         if args.factory:  # explore other IVF-PQ shapes with the same training sample size
             plan.factory = args.factory
+            plan.fast_scan = "fs" in args.factory.rsplit(",", 1)[-1]
         sel = rng.choice(n, plan.n_train, replace=False)
         with core.Timer() as t_train:
             idx = core.train_index(plan, x[np.sort(sel)], seed=args.seed)
         fixed = index_bytes(idx)
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
         with core.Timer() as t_add:
-            core.add_vectors(idx, x, ids)
+            if kind == "ivfpq":
+                core.add_vectors(idx, x, ids)
+            else:  # labels = rows of the patch_id-sorted version
+                rows = np.empty(n, np.int64)
+                rows[order] = np.arange(n)
+                core.add_vectors(idx, x, rows)
         build = t_train.s + t_add.s
         nb = index_bytes(idx)
-        print(f"# {plan.factory}: train {t_train.s:.1f} s on {plan.n_train} vectors, add {t_add.s:.1f} s", flush=True)
-        if "ivfpq" in want:
+        print(f"# {kind} {plan.factory}: train {t_train.s:.1f} s on {plan.n_train} vectors, add {t_add.s:.1f} s",
+              flush=True)
+        if kind == "ivfpq":
             p, r = core.tune("ivfpq", idx, lambda q, k, pp: faiss_search(idx, pp)(q, k)[1], qtune, gt_tune,
                              k=K, recall_target=args.recall_target, nlist=plan.nlist)
             yield Row("ivfpq", "ivfpq", plan.factory, idx, faiss_search(idx, {}), build, nb, n, p, fixed_bytes=fixed)
-        if "ivfpq-refine" in want:
-            # exact vectors as float16, memory-mapped from a file in patch_id order (as a published version)
-            order = np.argsort(ids)
-            sorted_ids = ids[order]
-            path = os.path.join(tmpdir, "vectors.f16")
-            mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
-            mm[:] = x[order]
-            mm.flush()
-            del mm
-            vec = open_vectors(path)  # as open_index does (MAP_POPULATE memory map)
+        else:
+            path = os.path.join(tmpdir, REFINE_FILE)
+            with core.Timer() as t_ref:
+                write_refine(path, x[order].astype(np.float16))
+            refine, vec = open_refine(path)
+            meta = pa.table({"patch_id": sorted_ids})
+            pidx = PatchIndex(idx, meta, {"kind": "ivfpq-refine", "refine": "fp16"}, {}, vec, refine=refine)
 
-            def refine_search(q, k, pp):
-                pp = dict(pp)
-                kf = pp.pop("k_factor", sizing.DEFAULT_K_FACTOR)
-                core.set_params(idx, pp)
-                q = core.normalize(q, dim=d)
-                _, cand = idx.search(q, k * kf)
-                return core.rerank(q, cand, sorted_ids, vec, k)
+            def refine_search(q, k, pp, pidx=pidx):
+                if pp != pidx.params:
+                    pidx.set_params(pp)
+                return pidx.search(q, k)
 
             p, r = core.tune("ivfpq-refine", idx, lambda q, k, pp: refine_search(q, k, pp)[1], qtune, gt_tune,
                              k=K, recall_target=args.recall_target, nlist=plan.nlist)
-            yield Row("ivfpq-refine (exact re-rank, float16 mmap)", "ivfpq-refine", plan.factory + " + re-rank",
-                      idx, refine_search, build, nb, n, p, extra_bytes=os.path.getsize(path),
-                      note="shares the ivfpq index", fixed_bytes=fixed)
+            yield Row("ivfpq-refine (IndexRefine, float16 refine file)", "ivfpq-refine", plan.factory + " + refine fp16",
+                      idx, refine_search, build + t_ref.s, nb, n, p, extra_bytes=os.path.getsize(path),
+                      fixed_bytes=fixed)
+            del pidx, refine, vec
         del idx
         gc.collect()
     if "sq8" in want:

@@ -53,12 +53,26 @@ def test_sizing_rules():
         if p.opq_dout:
             assert p.opq_dout % p.pq_m == 0, "OPQ output dim divides evenly by M"
             assert p.factory.startswith(f"OPQ{p.pq_m}_{p.opq_dout},IVF{p.nlist},PQ{p.pq_m}")
+    # ivfpq (no re-rank): 8-bit PQ, 8 dims per sub-quantizer, no dimension cut
+    big = sizing.plan_index(1_000_000, 512, "ivfpq")
+    assert big.factory == "OPQ64_512,IVF4096,PQ64x8"
+    goal8 = sizing.plan_index(1_000_000, 512, "ivfpq", memory_budget_bytes=80 * 1_000_000)
+    assert goal8.factory == "OPQ56_448,IVF4096,PQ56x8" and goal8.bytes_per_vector <= 80
+    assert sizing.plan_index(200_000, 512, "ivfpq", memory_budget_bytes=80 * 200_000).pq_m < goal8.pq_m
+    # ivfpq-refine: 4-bit fast-scan PQ, 4 dims per sub-quantizer, labels = rows, fp16 refine
     big = sizing.plan_index(1_000_000, 512, "ivfpq-refine")
-    assert big.factory == "OPQ64_512,IVF4096,PQ64x8"  # 8 dims per sub-quantizer, no dimension cut
+    assert big.factory == "OPQ128_512,IVF4096,PQ128x4fsr" and big.fast_scan and big.refine == "fp16"
     goal = sizing.plan_index(1_000_000, 512, "ivfpq-refine", memory_budget_bytes=80 * 1_000_000)
-    assert goal.factory == "OPQ56_448,IVF4096,PQ56x8" and goal.bytes_per_vector <= 80
-    # fixed bytes (OPQ matrix, centroids, codebooks) are part of the budget: smaller N -> smaller M
+    # the biggest code fits 80 B/vector once nlist is halved (centroids + block padding are fixed bytes)
+    assert goal.factory == "OPQ128_512,IVF2048,PQ128x4fsr" and goal.bytes_per_vector <= 80
+    assert goal.bytes_per_vector == pytest.approx(64 + 8 + sizing.fastscan_fixed_bytes(512, 2048, 128) / 1e6)
+    # fixed bytes are part of the budget: smaller N -> smaller M
     assert sizing.plan_index(200_000, 512, "ivfpq-refine", memory_budget_bytes=80 * 200_000).pq_m < goal.pq_m
+    with pytest.raises(ValueError):
+        sizing.choose_fastscan(512, 9.0, n=1_000_000, nlist=4096)
+    # tiny samples (< 624 points, one 4-bit codebook) fall back to the plain IVF-PQ, still re-ranked
+    tiny = sizing.plan_index(400, 32, "ivfpq-refine")
+    assert not tiny.fast_scan and tiny.refine == "fp16"
     # the auto rule: tiny -> flat; budget too small for flat -> sq8; large -> ivfpq-refine
     assert sizing.choose_kind(100, 512) == "flat"
     assert sizing.choose_kind(10_000, 512) == "flat"
@@ -66,7 +80,7 @@ def test_sizing_rules():
     assert sizing.choose_kind(10_000, 512, memory_budget_bytes=10_000 * 100) == "ivfpq"
     assert sizing.choose_kind(2_000_000, 512) == "ivfpq-refine"
     # budget decides M
-    assert sizing.plan_index(2_000_000, 512, memory_budget_bytes=2_000_000 * 30).pq_m == 16
+    assert sizing.plan_index(2_000_000, 512, memory_budget_bytes=2_000_000 * 30).pq_m == 32  # 4-bit: 16 B code
     with pytest.raises(ValueError):
         sizing.plan_index(2_000_000, 512, memory_budget_bytes=2_000_000 * 5)
     with pytest.raises(ValueError):
@@ -119,6 +133,45 @@ def test_three_parts_merged_equal_one_go(store3, tmp_path):
     ix2.set_params(m["params"])
     s2, i2 = ix2.search(q, 10)
     np.testing.assert_array_equal(i2, i1)
+
+
+def _reference_refine(trained_path, x, ids, params, q, k):
+    """ivfpq-refine by hand: the trained index filled in one go with patch_ids as labels, k * k_factor
+    candidates, exact re-rank with the float16 vectors (numpy)."""
+    one = faiss.read_index(trained_path)
+    core.add_vectors(one, x, ids)
+    core.set_params(one, params)
+    qn = core.normalize(q)
+    _, cand = one.search(qn, k * params["k_factor"])
+    order = np.argsort(ids)
+    return core.rerank(qn, cand, ids[order], x[order].astype(np.float16), k)
+
+
+def test_refine_three_parts_and_nightly_equal_reference(tmp_path):
+    """ivfpq-refine relabels patch_ids -> rows after the merge (build) and old rows -> new rows (nightly
+    add): both must give what one index filled in one go with patch_ids gives."""
+    data, out = str(tmp_path / "data"), str(tmp_path / "idx")
+    write_store(data, 3, 500)
+    m = mi.build_index(data, out, kind="ivfpq-refine", use_ray=False, n_parts=3, verbose=False)
+    assert m["n_parts"] == 3 and m["refine"] == "fp16" and "x4fsr" in m["factory"]
+    q = mixture().sample(40, seed=78)
+    for step in ("build", "nightly"):
+        ix = mi.open_index(out)
+        x, ids = all_vectors(data)
+        ids = ids.astype(np.int64)
+        s_ref, i_ref = _reference_refine(os.path.join(ix.path, TRAINED_FILE), x, ids, ix.params, q, 10)
+        s, i = ix.search(q, 10)
+        assert np.mean(i == i_ref) >= 0.98, (step, np.mean(i == i_ref))
+        np.testing.assert_allclose(s, s_ref, atol=2e-3)
+        # ids come back as patch_ids, and their exact vectors are the stored ones
+        pos = np.searchsorted(np.sort(ids), i[:, 0])
+        np.testing.assert_allclose(ix.reconstruct_exact(i[:, 0]), x[np.argsort(ids)][pos], atol=2e-3)
+        if step == "build":
+            write_store(data, 1, 400, date="2026-11-21", seed=9)  # interleaving patch_ids: rows shift
+            m2 = mi.update_index(data, out, use_ray=False, verbose=False)
+            assert m2["changed"] and m2["retrained"] is None and m2["n"] == 1900
+    with pytest.raises(ValueError, match="on-disk merge"):
+        mi.build_index(data, str(tmp_path / "od"), kind="ivfpq-refine", use_ray=False, merge="ondisk", verbose=False)
 
 
 def test_flat_parts_and_metadata(store3, tmp_path):

@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 
 from mining.fs import get_fs
 from mining.index import core, publish, sizing
-from mining.index.search import (INDEX_FILE, META_COLUMNS, META_FILE, PARAMS_FILE, TRAINED_FILE, VECTORS_FILE,
-                                 PatchIndex, open_index, write_meta)
+from mining.index.search import (INDEX_FILE, META_COLUMNS, META_FILE, PARAMS_FILE, REFINE_FILE, TRAINED_FILE,
+                                 PatchIndex, open_index, open_refine, write_meta, write_refine)
 from mining.store import dataset_info, embeddings_from_arrow, read_ledger
 
 log = logging.getLogger(__name__)
@@ -203,13 +203,19 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
                              manifest_extra, recall_target, use_ray, n_parts, merge, memory_budget_bytes, t_start, log_fn):
     kind = plan.kind
     is_ivf = kind in sizing.IVF_KINDS
+    # ivfpq-refine: the IVF labels are rows of the version's patch_id-sorted metadata (what faiss'
+    # IndexRefine needs to find the exact vectors); parts are added with patch_ids and relabelled here
+    rows_as_labels = plan.refine == "fp16"
     n_total = (base.ntotal if base else 0) + sum(r["num_patches"] for r in records)
     if merge == "auto":
         est = n_total * sizing.bytes_per_vector(kind, plan.dim, plan.pq_m or 64, plan.pq_nbits or 8)
         big = est > ONDISK_MERGE_MIN_BYTES or (memory_budget_bytes and est > ONDISK_BUDGET_FRACTION * memory_budget_bytes)
-        merge = "ondisk" if (is_ivf and big and base is None) else "memory"
+        merge = "ondisk" if (is_ivf and big and base is None and not rows_as_labels) else "memory"
     if merge == "ondisk" and (not is_ivf or base is not None):
         raise ValueError("on-disk merge is only for IVF kinds built from scratch")
+    if merge == "ondisk" and rows_as_labels:
+        raise ValueError("on-disk merge is not available for ivfpq-refine: its 4-bit fast-scan lists cannot be "
+                         "held by faiss' OnDiskInvertedLists, and its labels are rewritten after the merge; use merge='memory'")
     ondisk = merge == "ondisk"
     if n_parts is None:
         n_parts = 1
@@ -225,6 +231,19 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
 
     t_add = time.perf_counter()
     parts = _run_parts(use_ray, trained_buf, data_root, groups, queries, k, keep_vectors, part_paths) if groups else []
+
+    # metadata, sorted by patch_id (row r of the version = r-th smallest patch_id)
+    base_meta = manifest_extra.pop("_base_meta", None)
+    metas = ([base_meta] if base_meta is not None else []) + [p["meta"] for p in parts]
+    meta = pa.concat_tables(metas) if metas else pa.table({c: [] for c in META_COLUMNS})
+    pid = meta.column("patch_id").to_numpy().astype(np.int64)
+    order = np.argsort(pid, kind="stable")
+    meta = meta.take(pa.array(order))
+    sorted_pid = pid[order]
+    if len(pid) and np.any(np.diff(sorted_pid) == 0):
+        warnings.warn(f"{int(np.sum(np.diff(sorted_pid) == 0))} duplicate patch_ids in {data_root}", UserWarning)
+    write_meta(os.path.join(staging, META_FILE), meta)
+
     # merge, in ledger order (so n parts == one go)
     if ondisk:
         from faiss.contrib.ondisk import merge_ondisk
@@ -235,6 +254,9 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
             os.remove(p["path"])
     else:
         index = base if base is not None else (core.new_index(plan) if kind == "hnsw" else core.deserialize(trained_buf))
+        if rows_as_labels and base is not None:  # old rows -> patch_ids -> new rows
+            old_pid = np.asarray(base_meta.column("patch_id").to_numpy(), np.int64)
+            core.relabel_ivf(index, lambda a: np.searchsorted(sorted_pid, old_pid[a]))
         for p in parts:
             if kind == "hnsw":
                 v = p["vectors"].astype(np.float32)
@@ -242,32 +264,22 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
                 core.add_vectors(index, v, p["meta"].column("patch_id").to_numpy().astype(np.int64))
             else:
                 part_index = core.deserialize(p["index"])
+                if rows_as_labels:  # patch_ids -> rows
+                    core.relabel_ivf(part_index, lambda a: np.searchsorted(sorted_pid, a))
                 core.merge_indexes(index, part_index)
                 del part_index
             p["index"] = None
     add_s = time.perf_counter() - t_add
 
-    # metadata (+ exact vectors), sorted by patch_id
-    metas = ([manifest_extra.pop("_base_meta")] if "_base_meta" in manifest_extra else []) + [p["meta"] for p in parts]
-    meta = pa.concat_tables(metas) if metas else pa.table({c: [] for c in META_COLUMNS})
-    pid = meta.column("patch_id").to_numpy().astype(np.int64)
-    order = np.argsort(pid, kind="stable")
-    meta = meta.take(pa.array(order))
-    if len(pid) and np.any(np.diff(pid[order]) == 0):
-        warnings.warn(f"{int(np.sum(np.diff(pid[order]) == 0))} duplicate patch_ids in {data_root}", UserWarning)
-    write_meta(os.path.join(staging, META_FILE), meta)
-    vectors = None
-    if kind == "ivfpq-refine":
+    # exact vectors (ivfpq-refine), in row order
+    vectors, refine = None, None
+    if rows_as_labels:
         base_vec = manifest_extra.pop("_base_vectors", None)
         chunks = ([base_vec] if base_vec is not None else []) + [p["vectors"] for p in parts]
-        vpath = os.path.join(staging, VECTORS_FILE)
-        mm = np.lib.format.open_memmap(vpath, mode="w+", dtype=np.float16, shape=(len(pid), plan.dim))
         allv = np.concatenate([np.asarray(c) for c in chunks]) if chunks else np.zeros((0, plan.dim), np.float16)
-        mm[:] = allv[order]
-        mm.flush()
-        del mm, allv
-        vectors = np.load(vpath, mmap_mode="r")
-    manifest_extra.pop("_base_meta", None)
+        write_refine(os.path.join(staging, REFINE_FILE), allv[order])
+        del allv
+        refine, vectors = open_refine(os.path.join(staging, REFINE_FILE))
     manifest_extra.pop("_base_vectors", None)
     for p in parts:
         p["vectors"] = None
@@ -276,7 +288,7 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
     gt_s, gt_i = truth
     for p in parts:
         gt_s, gt_i = core.merge_topk(gt_s, gt_i, *p["gt"], k)
-    pidx = PatchIndex(index, meta, {"kind": kind, "refine": plan.refine}, {}, vectors)
+    pidx = PatchIndex(index, meta, {"kind": kind, "refine": plan.refine}, {}, vectors, refine=refine)
 
     def search_fn(q, kk, params):
         pidx.set_params(params)
@@ -419,7 +431,7 @@ def update_index(data_root: str, out_root: str, *, growth_factor: float = GROWTH
     - nothing new: returns the current manifest with ``changed=False`` (no new version);
     - no version yet: ``build_index`` from scratch;
     - retrain (a new ``build_index`` version, ``manifest["retrained"]`` = "growth" | "drift" |
-      "forced") when N_total >= ``growth_factor`` x the N the codebooks were trained for, or the
+      "forced" | "format" (an ivfpq-refine version of the older vectors.npy layout)) when N_total >= ``growth_factor`` x the N the codebooks were trained for, or the
       quantisation error (mean squared, unit vectors) of up to 4096 new vectors exceeds
       ``drift_ratio`` x the error measured at training time;
     - else a new version = current index + new shards (``retrained=None``, ``trained_version``
@@ -450,6 +462,8 @@ def update_index(data_root: str, out_root: str, *, growth_factor: float = GROWTH
     vdir = publish.version_dir(out_root, cur)
     trained = faiss.read_index(os.path.join(vdir, TRAINED_FILE))
     reason = "forced" if force_retrain else None
+    if reason is None and man.get("refine") == "store":
+        reason = "format"  # a version from before the fp16 refine file (IVF labels = patch_ids): rebuild
     if reason is None and n_total >= growth_factor * man["n_trained"]:
         reason = "growth"
     drift = None

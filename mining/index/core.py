@@ -24,6 +24,9 @@ MISSING_SCORE = -np.inf  # score returned with patch_id -1 ("no result")
 OPQ_NITER = 10  # rotation <-> PQ alternations
 OPQ_NITER_PQ_0 = 10  # k-means iterations of the first PQ
 OPQ_MAX_TRAIN = 16_384  # points the rotation is estimated on (a random subset of the training sample)
+# re-rank depths tried by tune() for ivfpq-refine (k * k_factor candidates; 4-bit codes need 2-4x more
+# candidates than 8-bit ones for the same recall, and the fast scan makes them cheap)
+K_FACTORS = (4, DEFAULT_K_FACTOR, 16, 32, 64, 128, 256)
 
 
 def configure_opq(vt) -> None:
@@ -96,7 +99,7 @@ def _seed(index: faiss.Index, seed: int) -> None:
         index = faiss.downcast_index(index.index)
     if isinstance(index, faiss.IndexIVF):
         index.cp.seed = seed
-        if isinstance(index, faiss.IndexIVFPQ):
+        if isinstance(index, (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan)):
             index.pq.cp.seed = seed + 1
 
 
@@ -105,8 +108,9 @@ def train_index(plan: IndexPlan, xtrain: np.ndarray, *, seed: int = 0, gpu: bool
 
     On a machine where faiss sees GPUs (``gpu=None`` -> :func:`use_gpu`) the IVF/PQ part is
     trained on GPU 0 via ``index_cpu_to_gpu`` (PQ codes with ``useFloat16=True``; OPQ stays on
-    the CPU, see ../shared/NOTES.md) and copied back with ``index_gpu_to_cpu``; if that fails
-    the k-means assignment alone runs on the GPUs (``clustering_index``).  Flat and HNSW need no
+    the CPU, see ../shared/NOTES.md) and copied back with ``index_gpu_to_cpu``; if that fails,
+    and for 4-bit fast-scan plans (no GPU version in faiss), the coarse k-means assignment alone
+    runs on the GPUs (``clustering_index``).  Flat and HNSW need no
     training and are returned empty.
     Returns: a trained, empty CPU index.  Raises: ValueError on a dimension mismatch.
     """
@@ -118,7 +122,11 @@ def train_index(plan: IndexPlan, xtrain: np.ndarray, *, seed: int = 0, gpu: bool
     _seed(index, seed)
     xtrain = np.ascontiguousarray(xtrain, dtype=np.float32)
     gpu = use_gpu() if gpu is None else gpu
-    if gpu and plan.kind in IVF_KINDS:
+    if gpu and plan.kind in IVF_KINDS and getattr(plan, "fast_scan", False):
+        # faiss has no GPU fast-scan index: the coarse k-means (the bulk of training) runs on the GPUs
+        ivf = faiss.extract_index_ivf(index)
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+    elif gpu and plan.kind in IVF_KINDS:
         try:
             res = faiss.StandardGpuResources()
             co = faiss.GpuClonerOptions()
@@ -158,6 +166,32 @@ def merge_indexes(dst: faiss.Index, src: faiss.Index) -> None:
         dst.merge_from(src, 0)
         return
     faiss.merge_into(dst, src, False)
+
+
+def relabel_ivf(index: faiss.Index, mapping: Callable[[np.ndarray], np.ndarray]) -> int:
+    """Rewrite, in place, the ids stored in the inverted lists of an IVF index.
+
+    ``mapping``: (m,) int64 -> (m,) int64, applied list by list (e.g. patch_id -> row of the sorted
+    version, see :mod:`mining.index.build`).  Works for in-memory lists (``ArrayInvertedLists``,
+    and the ``BlockInvertedLists`` of fast-scan indexes): the ids are written through
+    ``InvertedLists.get_ids``; not for on-disk lists.
+    Returns: the number of ids rewritten.  Raises: TypeError for a non-IVF index.
+    """
+    ivf = faiss.extract_index_ivf(index)
+    inv = ivf.invlists
+    if isinstance(faiss.downcast_InvertedLists(inv), faiss.OnDiskInvertedLists):
+        raise TypeError("relabel_ivf: on-disk inverted lists are read-only here")
+    total = 0
+    for lno in range(ivf.nlist):
+        m = inv.list_size(lno)
+        if m == 0:
+            continue
+        ptr = inv.get_ids(lno)
+        view = faiss.rev_swig_ptr(ptr, m)
+        view[:] = mapping(np.array(view, dtype=np.int64))
+        inv.release_ids(lno, ptr)
+        total += m
+    return total
 
 
 def serialize(index: faiss.Index) -> np.ndarray:
@@ -277,7 +311,7 @@ def tune(
     """Smallest search parameters reaching ``recall_target`` (recall@k against ``truth`` ids).
 
     ``search_fn(queries, k, params) -> ids (Q, k)`` runs the real search path (with re-rank).
-    IVF: nprobe over powers of two up to nlist (ivfpq-refine: for each nprobe, k_factor in 4, 8, 16, 32, 64,
+    IVF: nprobe over powers of two up to nlist (ivfpq-refine: for each nprobe, k_factor in :data:`K_FACTORS`,
     cheapest first). The tuning queries must reach ``recall_target + margin`` (sampling noise: with
     200 tuning queries tuned exactly to 0.95, 200 other queries measured 0.935-0.945 here). HNSW: efSearch over 16..1024. Flat/SQ8: nothing to tune.
     When the target is not reachable, returns the parameters with the best recall, smallest first
@@ -290,7 +324,7 @@ def tune(
         grid = [{"efSearch": e} for e in (16, 32, 64, 128, 256, 512, 1024) if e >= k]
     else:
         nprobes = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if p < nlist] + [nlist]
-        kfs = (4, DEFAULT_K_FACTOR, 16, 32, 64) if kind == "ivfpq-refine" else (None,)
+        kfs = K_FACTORS if kind == "ivfpq-refine" else (None,)
         grid = [{"nprobe": p, **({"k_factor": kf} if kf else {})} for p in nprobes for kf in kfs]
     tried = []
     best = 0.0
@@ -324,6 +358,26 @@ def quantization_error(index: faiss.Index, x: np.ndarray) -> float:
     if isinstance(inner, (faiss.IndexFlat, faiss.IndexHNSW)) or len(x) == 0:
         return 0.0
     x = np.ascontiguousarray(x, dtype=np.float32)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index)) if isinstance(
+        inner, (faiss.IndexPreTransform, faiss.IndexIVF)) else None
+    if isinstance(ivf, faiss.IndexIVFPQFastScan):
+        # sa_decode of IVF fast-scan indexes crashes in faiss 1.15: decode by hand
+        # (pre-transforms, coarse cell, residual PQ), then undo the (orthonormal) OPQ rotation
+        xt = x
+        vts = []
+        if isinstance(inner, faiss.IndexPreTransform):
+            for i in range(inner.chain.size()):
+                vt = faiss.downcast_VectorTransform(inner.chain.at(i))
+                xt = vt.apply(xt)
+                vts.append(vt)
+        _, cell = ivf.quantizer.search(xt, 1)
+        cent = ivf.quantizer.reconstruct_batch(cell[:, 0])
+        resid = xt - cent if ivf.by_residual else xt
+        rec = ivf.pq.decode(ivf.pq.compute_codes(np.ascontiguousarray(resid)))
+        rec = rec + cent if ivf.by_residual else rec
+        for vt in reversed(vts):
+            rec = vt.reverse_transform(rec)
+        return float(((x - rec) ** 2).sum(1).mean())
     codes = inner.sa_encode(x)
     rec = inner.sa_decode(codes)
     return float(((x - rec) ** 2).sum(1).mean())

@@ -18,7 +18,8 @@ META_FILE = "meta.arrow"
 INDEX_FILE = "index.faiss"
 TRAINED_FILE = "trained.faiss"
 PARAMS_FILE = "params.json"
-VECTORS_FILE = "vectors.npy"
+VECTORS_FILE = "vectors.npy"  # legacy (refine="store"): float16 .npy, IVF labels = patch_ids, numpy re-rank
+REFINE_FILE = "refine.faiss"  # refine="fp16": IndexScalarQuantizer(QT_fp16) in row order, IVF labels = rows
 
 META_COLUMNS = ("patch_id", "image_id", "image_uri", "shard", "date", "x0", "y0", "x1", "y1", "level")
 
@@ -38,8 +39,13 @@ class PatchIndex:
     """
 
     def __init__(self, index: faiss.Index, meta: pa.Table, manifest: dict, params: dict | None = None,
-                 vectors: np.ndarray | None = None, version: str = "", path: str | None = None):
+                 vectors: np.ndarray | None = None, version: str = "", path: str | None = None,
+                 refine: faiss.Index | None = None):
         self.index = index
+        # ivfpq-refine ("fp16"): the IVF's labels are rows of the patch_id-sorted metadata, and
+        # faiss.IndexRefine re-ranks k * k_factor candidates with the float16 refine index in C++
+        self._refine = refine
+        self._search_index = faiss.IndexRefine(index, refine) if refine is not None else index
         self._meta = meta
         self.manifest = manifest
         self.version = version
@@ -59,6 +65,8 @@ class PatchIndex:
         with self._lock:
             self.params = dict(params or {})
             core.set_params(self.index, self.params)
+            if self._refine is not None:
+                self._search_index.k_factor = float(self.params.get("k_factor", DEFAULT_K_FACTOR))
 
     # ------------------------------------------------------------------ search
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,8 +77,8 @@ class PatchIndex:
             k: results per query (> 0). When fewer than k vectors match, the tail is (-inf, -1).
         Returns:
             scores (Q, k) float32 cosine similarities, descending; patch_ids (Q, k) int64 (-1 = none).
-            ivfpq-refine scores are exact (re-ranked with the exact vectors); ivfpq/sq8 scores are
-            approximate (quantised vectors).
+            ivfpq-refine scores are exact (re-ranked with the float16 exact vectors); ivfpq/sq8 scores
+            are approximate (quantised vectors).
         Raises:
             ValueError: empty queries, wrong dimension (not ``self.dim``), NaN/inf or all-zero
             rows, k <= 0 or not an integer.
@@ -81,7 +89,14 @@ class PatchIndex:
         q = core.normalize(queries, dim=self.dim, what="queries")
         if self.ntotal == 0:
             return np.full((len(q), k), core.MISSING_SCORE, np.float32), np.full((len(q), k), -1, np.int64)
-        if self._vectors is not None and self.manifest.get("refine") == "store":
+        if self._refine is not None:
+            s, rows = self._search_index.search(q, k)
+            ok = rows >= 0
+            ids = np.where(ok, self._sorted_ids[np.where(ok, rows, 0)], -1).astype(np.int64)
+            s = s.astype(np.float32, copy=True)
+            s[~ok] = core.MISSING_SCORE
+            return s, ids
+        if self._vectors is not None and self.manifest.get("refine") == "store":  # legacy versions
             kf = int(self.params.get("k_factor", DEFAULT_K_FACTOR))
             _, cand = self.index.search(q, min(self.ntotal, k * kf))
             return core.rerank(q, cand, self._sorted_ids, self._vectors, k)
@@ -109,7 +124,7 @@ class PatchIndex:
     def reconstruct_exact(self, patch_ids) -> np.ndarray:
         """Exact (normalised) float32 vectors of ``patch_ids``, shape (len, D).
 
-        From the version's float16 vector file (ivfpq-refine) when present, else read back from
+        From the version's float16 refine file (ivfpq-refine) when present, else read back from
         the Parquet store (``manifest["data_root"]``), else reconstructed from a flat index.
         Raises: KeyError for ids not in this version.
         """
@@ -166,6 +181,42 @@ def open_vectors(path: str, *, populate: bool = True) -> np.ndarray:
     return arr
 
 
+def write_refine(path: str, vectors: np.ndarray, *, chunk: int = 65_536) -> None:
+    """Write the exact vectors of an ``ivfpq-refine`` version as a FAISS ``IndexScalarQuantizer``
+    (``QT_fp16``, inner product) file, rows in the given order (= the IVF labels).
+
+    Args: vectors: (N, D) float16 (or float32), L2-normalised, e.g. a memory map.  Float16 input is
+    stored losslessly (the fp16 encoder rounds an exact float16 value to itself).
+    """
+    n, d = vectors.shape
+    sq = faiss.IndexScalarQuantizer(int(d), faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    for s in range(0, n, chunk):
+        sq.add(np.ascontiguousarray(vectors[s:s + chunk], dtype=np.float32))
+    faiss.write_index(sq, path)
+
+
+def open_refine(path: str) -> tuple[faiss.Index, np.ndarray]:
+    """Open a refine file written by :func:`write_refine` without reading it into memory.
+
+    FAISS memory-maps the codes (``IO_FLAG_MMAP_IFC``: page cache, shared and evictable, not
+    anonymous memory); a numpy (N, D) float16 view of the same file serves
+    ``reconstruct_exact`` and the nightly re-write.  The codes are the last N * 2D bytes of the
+    file (``write_index`` of an IndexScalarQuantizer ends with its code vector); the view is
+    checked against ``reconstruct`` of the first and last rows.
+    Returns: (index, vectors).  Raises: ValueError when the file does not have that layout.
+    """
+    index = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
+    n, d = int(index.ntotal), int(index.d)
+    size = os.path.getsize(path)
+    if n == 0:
+        return index, np.zeros((0, d), np.float16)
+    vec = np.memmap(path, dtype=np.float16, mode="r", offset=size - n * d * 2, shape=(n, d))
+    for r in {0, n - 1}:
+        if not np.array_equal(vec[r].astype(np.float32), index.reconstruct(r)):
+            raise ValueError(f"{path}: unexpected refine file layout (row {r} differs from faiss' reconstruct)")
+    return index, vec
+
+
 def read_meta(path: str) -> pa.Table:
     """Memory-map an Arrow IPC file (``meta.arrow``) as a Table."""
     source = pa.memory_map(path, "r")
@@ -209,6 +260,10 @@ def open_index(out_root: str, version: str | None = None) -> PatchIndex:
         params = json.load(f)
     index = read_index_file(vdir, manifest)
     meta = read_meta(os.path.join(vdir, META_FILE))
-    vpath = os.path.join(vdir, VECTORS_FILE)
-    vectors = open_vectors(vpath) if os.path.exists(vpath) else None
-    return PatchIndex(index, meta, manifest, params, vectors, version=version, path=vdir)
+    refine, vectors = None, None
+    rpath, vpath = os.path.join(vdir, REFINE_FILE), os.path.join(vdir, VECTORS_FILE)
+    if os.path.exists(rpath):
+        refine, vectors = open_refine(rpath)
+    elif os.path.exists(vpath):
+        vectors = open_vectors(vpath)
+    return PatchIndex(index, meta, manifest, params, vectors, version=version, path=vdir, refine=refine)

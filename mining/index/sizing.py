@@ -49,6 +49,16 @@ DEFAULT_K_FACTOR = 8  # ivfpq-refine: re-rank k * k_factor PQ candidates with ex
 MEMORY_SLACK = 1.05  # 5 % for inverted-list / Python overhead (fixed IVF bytes are counted separately)
 PQ_DSUB = 8  # dims per PQ sub-quantizer after OPQ: OPQ{M}_{8M}
 PQ_M_CHOICES = (64, 56, 48, 40, 32, 24, 16, 8, 4)
+# ivfpq-refine: 4-bit "fast-scan" PQ (faiss IndexIVFPQFastScan, André et al. "Quicker ADC"): 16-entry
+# look-up tables held in SIMD registers, codes packed in blocks of 32 vectors.  Scanning is ~5-10x
+# faster than 8-bit PQ at the same code size, so the re-rank can afford 2-4x more candidates, which
+# is what recall needs on dense data (measured in benchmarks/RESULTS.md).
+FS_NBITS = 4
+FS_DSUB = 4  # dims per 4-bit sub-quantizer after OPQ: OPQ{M}_{4M}
+FS_M_CHOICES = (128, 112, 96, 80, 64, 48, 32, 24, 16, 8, 4)
+FS_BLOCK = 32  # vectors per packed block (faiss bbs); a list wastes half a block on average
+FS_MIN_TRAIN = (1 << FS_NBITS) * MIN_POINTS_PER_CENTROID  # 624: one 4-bit codebook
+FS_NLIST_STEPS = 2  # with a budget, nlist may be halved up to twice to leave room for a bigger code
 
 
 @dataclass
@@ -64,7 +74,8 @@ class IndexPlan:
     pq_m: int = 0
     pq_nbits: int = 0
     opq_dout: int = 0
-    refine: str | None = None  # "store": exact re-rank from the exact-vector file
+    refine: str | None = None  # "fp16": exact re-rank from the float16 refine file (see mining.index.search)
+    fast_scan: bool = False  # 4-bit fast-scan PQ (``PQ{M}x4fsr``)
     bytes_per_vector: float = 0.0  # estimated resident bytes per vector
     rules: list[str] = field(default_factory=list)
 
@@ -157,6 +168,49 @@ def choose_pq_m(dim: int, budget_per_vector: float | None, nbits: int = 8, *, n:
     )
 
 
+def fs_opq_dout(dim: int, m: int) -> int:
+    """OPQ output dimension for 4-bit fast-scan PQ: min(dim, FS_DSUB * m) rounded down to a multiple of m."""
+    d = min(dim, FS_DSUB * m)
+    return max(m, d - d % m)
+
+
+def fastscan_fixed_bytes(dim: int, nlist: int, m: int, opq: bool = True) -> int:
+    """Bytes of an IVF-PQ fast-scan index that do not grow with N: OPQ matrix, coarse centroids,
+    4-bit codebooks, and the block padding of the inverted lists (half a block of FS_BLOCK codes of
+    M/2 bytes per list, on average)."""
+    dout = fs_opq_dout(dim, m) if opq else dim
+    tables = 4 * ((dout * dim if opq else 0) + nlist * dout + (1 << FS_NBITS) * dout)
+    return int(tables + nlist * (FS_BLOCK // 2) * ((m + 1) // 2))
+
+
+def choose_fastscan(dim: int, budget_per_vector: float | None, *, n: int, nlist: int,
+                    opq: bool = True) -> tuple[int, int]:
+    """(M, nlist) of the 4-bit fast-scan PQ of ``ivfpq-refine``.
+
+    The largest M in :data:`FS_M_CHOICES` with M <= dim / FS_DSUB (and dividing dim without OPQ),
+    then the largest of nlist, nlist/2, nlist/4 (:data:`FS_NLIST_STEPS`), whose bytes per vector --
+    code (M/2) + 8 (id) + :func:`fastscan_fixed_bytes` / n -- fit the budget.  No extra slack: the
+    block padding, the only per-list overhead of fast-scan lists, is counted.  Code size (candidate
+    quality) goes before nlist (scan speed): the re-rank recovers accuracy only from candidates the
+    code ranks high enough.
+    Raises: ValueError when nothing fits.
+    """
+    for m in FS_M_CHOICES:
+        if m * FS_DSUB > dim or (not opq and dim % m):
+            continue
+        for step in range(FS_NLIST_STEPS + 1):
+            nl = max(1, nlist >> step)
+            per_vec = (m + 1) // 2 + ID_BYTES + fastscan_fixed_bytes(dim, nl, m, opq) / max(1, n)
+            if budget_per_vector is None or per_vec <= budget_per_vector:
+                return m, nl
+            if budget_per_vector is None:
+                break
+    raise ValueError(
+        f"no 4-bit PQ size fits: dim={dim}, budget {budget_per_vector} bytes/vector "
+        f"(the smallest code is 2 bytes + {ID_BYTES} bytes of id + fixed bytes)"
+    )
+
+
 def bytes_per_vector(kind: str, dim: int, pq_m: int = 64, pq_nbits: int = 8) -> float:
     """Estimated resident bytes per vector of each kind (exact-vector file of ivfpq-refine not counted:
     it is memory-mapped from disk, 2*dim bytes/vector)."""
@@ -232,22 +286,46 @@ def plan_index(n: int, dim: int, kind: str = "auto", memory_budget_bytes: int | 
     nbits = choose_pq_nbits(n_train)
     per_vec = None if memory_budget_bytes is None else memory_budget_bytes / n
     use_opq = n_train >= PQ_MIN_TRAIN
+    if kind == "ivfpq-refine" and n_train >= FS_MIN_TRAIN:
+        return _plan_fastscan(kind, dim, n, nlist, n_train, per_vec, use_opq, rules)
     m = choose_pq_m(dim, per_vec, nbits, n=n, nlist=nlist, opq=use_opq)
     rules.append(f"nlist={nlist} (~4*sqrt(N)={4 * math.sqrt(n):.0f} as a power of two, >= {MIN_POINTS_PER_CENTROID} pts/centroid)")
     rules.append(f"n_train={n_train} ({n_train / nlist:.0f} pts/centroid)")
     rules.append(f"PQ{m}x{nbits} ({m * nbits / 8:.0f} B code + {ID_BYTES} B id per vector)")
-    if use_opq:
-        dout = opq_dout(dim, m)
-        assert dout % m == 0
-        factory = f"OPQ{m}_{dout},IVF{nlist},PQ{m}x{nbits}"
-        rules.append(f"OPQ{m}_{dout}: output dim {dout} = {dout // m} dims per sub-quantizer")
-    else:
-        dout = 0
-        factory = f"IVF{nlist},PQ{m}x{nbits}"
-        rules.append(f"no OPQ: n_train < {PQ_MIN_TRAIN} (OPQ's inner PQ is 8-bit)")
+    factory, dout = _ivf_factory(nlist, m, f"PQ{m}x{nbits}", opq_dout(dim, m), use_opq, rules)
     return IndexPlan(
         kind, dim, n, factory, n_train=n_train, nlist=nlist, pq_m=m, pq_nbits=nbits, opq_dout=dout,
-        refine="store" if kind == "ivfpq-refine" else None,
+        refine="fp16" if kind == "ivfpq-refine" else None,
         bytes_per_vector=bytes_per_vector(kind, dim, m, nbits) + ivf_fixed_bytes(dim, nlist, m, nbits, use_opq) / n,
+        rules=rules,
+    )
+
+
+def _ivf_factory(nlist: int, m: int, code: str, dout: int, use_opq: bool, rules: list[str]) -> tuple[str, int]:
+    """``OPQ{m}_{dout},IVF{nlist},{code}`` (or without OPQ) and the OPQ output dim (0 = no OPQ)."""
+    if use_opq:
+        assert dout % m == 0, "OPQ output dim divides evenly by M"
+        rules.append(f"OPQ{m}_{dout}: output dim {dout} = {dout // m} dims per sub-quantizer")
+        return f"OPQ{m}_{dout},IVF{nlist},{code}", dout
+    rules.append(f"no OPQ: n_train < {PQ_MIN_TRAIN} (OPQ's inner PQ is 8-bit)")
+    return f"IVF{nlist},{code}", 0
+
+
+def _plan_fastscan(kind, dim, n, nlist, n_train, per_vec, use_opq, rules) -> IndexPlan:
+    """``ivfpq-refine``: OPQ + IVF + 4-bit fast-scan PQ, re-ranked with the exact float16 vectors."""
+    nlist0 = nlist
+    m, nlist = choose_fastscan(dim, per_vec, n=n, nlist=nlist, opq=use_opq)
+    n_train = min(n_train, max(MAX_POINTS_PER_CENTROID * nlist, PQ_MIN_TRAIN))
+    rules.append(f"nlist={nlist} (~4*sqrt(N)={4 * math.sqrt(n):.0f} as a power of two, >= {MIN_POINTS_PER_CENTROID} "
+                 f"pts/centroid{'' if nlist == nlist0 else f'; halved from {nlist0} to fit the budget'})")
+    rules.append(f"n_train={n_train} ({n_train / nlist:.0f} pts/centroid)")
+    rules.append(f"PQ{m}x{FS_NBITS}fsr: 4-bit fast-scan, {(m + 1) // 2} B code + {ID_BYTES} B id per vector "
+                 f"+ {fastscan_fixed_bytes(dim, nlist, m, use_opq) / n:.1f} B fixed (centroids, OPQ, block padding)")
+    factory, dout = _ivf_factory(nlist, m, f"PQ{m}x{FS_NBITS}fsr", fs_opq_dout(dim, m), use_opq, rules)
+    rules.append("refine: exact float16 vectors (refine.faiss, memory-mapped), k * k_factor candidates")
+    return IndexPlan(
+        kind, dim, n, factory, n_train=n_train, nlist=nlist, pq_m=m, pq_nbits=FS_NBITS, opq_dout=dout,
+        refine="fp16", fast_scan=True,
+        bytes_per_vector=(m + 1) // 2 + ID_BYTES + fastscan_fixed_bytes(dim, nlist, m, use_opq) / n,
         rules=rules,
     )
