@@ -213,7 +213,8 @@ def build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
     if "thesis-opq-pq" in want:
         # the thesis' "PQ64": OPQ to 128 dims then PQ64, exhaustive scan. OPQ training is slow on 2
         # cores (NOTES: 353 s on 50k), so it trains on --opq-train vectors.
-        factory = "IDMap,OPQ64_128,PQ64"
+        # D = 512: OPQ64_128,PQ64 as in the thesis; other D keep its shape (dimension / 4, 2 dims per sub-quantizer)
+        factory = f"IDMap,OPQ{d // 8}_{d // 4},PQ{d // 8}"
         nt = min(n, args.opq_train)
         with core.Timer() as t:
             idx = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
@@ -221,7 +222,7 @@ def build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
             core.configure_opq(opq)  # same OPQ training budget as our ivfpq rows
             idx.train(x[np.sort(rng.choice(n, nt, replace=False))])
             core.add_vectors(idx, x, ids)
-        yield Row("thesis OPQ64_128,PQ64 (exhaustive)", "pq", factory, idx, faiss_search(idx, {}), t.s,
+        yield Row(f"thesis {factory[6:]} (exhaustive)", "pq", factory, idx, faiss_search(idx, {}), t.s,
                   index_bytes(idx), n, note=f"trained on {nt}")
         del idx
         gc.collect()

@@ -8,8 +8,8 @@ Public API::
     open_index(out_root, version=None) -> PatchIndex           # .search(queries, k), .metadata(), ...
     list_versions(out_root) -> list[str]; drop_version(out_root, version)
 
-Kinds: flat, hnsw (HNSW32), ivfpq (OPQ+IVF+PQ), ivfpq-refine (IVF-PQ candidates re-ranked with the
-exact float16 vectors), sq8.  Sizing rules: :mod:`mining.index.sizing`.  See docs/index.md.
+Kinds: flat, hnsw (HNSW32), ivfpq (OPQ+IVF+8-bit PQ), ivfpq-refine (OPQ+IVF+4-bit fast-scan PQ
+candidates re-ranked by faiss.IndexRefine with the exact float16 vectors), sq8.  Sizing rules: :mod:`mining.index.sizing`.  See docs/index.md.
 """
 from mining.index.build import build_index, sample_vectors, update_index
 from mining.index.publish import current_version, drop_version, list_versions

@@ -5,7 +5,8 @@ Layout (local filesystem only: the index is built and served from local disk)::
     <out_root>/CURRENT                          one line: the serving version
     <out_root>/versions/<version>/index.faiss   the FAISS index (+ merged.ivfdata for on-disk merges)
     <out_root>/versions/<version>/meta.arrow    Arrow IPC file: patch_id -> metadata, sorted by patch_id
-    <out_root>/versions/<version>/vectors.npy   ivfpq-refine: exact float16 vectors in patch_id order
+    <out_root>/versions/<version>/refine.faiss  ivfpq-refine: exact float16 vectors (IndexScalarQuantizer fp16),
+                                                rows in patch_id order = the IVF labels (older versions: vectors.npy)
     <out_root>/versions/<version>/trained.faiss the empty trained index (frozen codebooks for nightly adds)
     <out_root>/versions/<version>/params.json   search parameters (nprobe / efSearch / k_factor)
     <out_root>/versions/<version>/manifest.json written last inside the version

@@ -25,6 +25,15 @@ Rules (sources: FAISS wiki "Guidelines to choose an index", ``faiss/Clustering.h
   (Table 4.4). Measured here (benchmarks/index.py, 50k clustered vectors, exact re-rank):
   ``OPQ64_256`` (4 dims per sub-quantizer, half the dims dropped) reached recall@16 0.945 at
   nprobe 64 / 256 candidates, ``OPQ64_512`` 0.968 at nprobe 32 / 512 candidates.
+* ``ivfpq-refine`` uses **4-bit fast-scan PQ** instead (``OPQ{M}_{4M},IVF{nlist},PQ{M}x4fsr``,
+  :func:`choose_fastscan`): M = the largest of 128, 112, ..., 4 with M <= D/4, then nlist, nlist/2
+  or nlist/4, whose bytes per vector -- M/2 code + 8 id + (OPQ matrix + centroids + codebooks +
+  half a 32-code block of padding per list) / N -- fit the budget: ``OPQ128_512,IVF4096,PQ128x4fsr``
+  (85.7 B/vector) without a budget at 1M, ``OPQ128_512,IVF2048,PQ128x4fsr`` (79.4 B/vector) at 80.
+  The candidates (k * k_factor) are re-ranked with the exact float16 vectors by faiss'
+  ``IndexRefine``.  Measured at 1M (benchmarks/RESULTS.md): the fast scan is what makes 2048
+  candidates affordable, and 2048 candidates are what 0.95 recall@16 needs on dense data.
+  Fewer than 624 training points (one 4-bit codebook): the 8-bit rule above, still re-ranked.
 * ``kind="auto"``: ``N <= AUTO_FLAT_MAX_N`` (50 000, i.e. the vertical slice of 3-300 images)
   -> ``flat`` (exact, nothing to train) if it fits the budget, else ``sq8`` if it fits, else
   ``ivfpq``; larger N -> ``ivfpq-refine`` with the largest ``M`` that fits the budget.
