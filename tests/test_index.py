@@ -336,3 +336,35 @@ def test_group_records_contiguous_and_balanced():
     assert [r["shard"] for g in groups for r in g] == [r["shard"] for r in recs], "ledger order kept"
     assert ib.group_records(recs[:2], 5) == [[recs[0]], [recs[1]]]  # never more parts than shards
     assert ib.group_records(recs, 1) == [recs]
+
+
+def test_tune_explores_nprobe_and_keeps_the_fastest():
+    """ivfpq-refine: nprobe and k_factor trade against each other; tune() tries more nprobe steps past
+    the first hit and keeps the fastest (timed) candidate. ivfpq/hnsw: the smallest that reaches the target."""
+    import time
+
+    truth = np.tile(np.arange(16), (4, 1))
+
+    def fake(recall_fn, seconds_fn):
+        def search(q, k, p):
+            time.sleep(seconds_fn(p))
+            out = np.full((4, 16), -5)
+            n = int(round(recall_fn(p) * 16))
+            out[:, :n] = truth[:, :n]
+            return out
+        return search
+
+    reach = lambda p: 1.0 if p["nprobe"] * p["k_factor"] >= 512 else 0.5  # noqa: E731
+    q = np.zeros((4, 8), np.float32)
+    # re-rank expensive: many lists, few candidates wins
+    p, r = core.tune("ivfpq-refine", None, fake(reach, lambda p: 0.004 * p["k_factor"] / 64 + 0.0005 * p["nprobe"] / 8),
+                     q, truth, nlist=1024)
+    assert r == 1.0 and p == {"nprobe": 8, "k_factor": 64}
+    # scanning expensive: few lists, many candidates wins
+    p, r = core.tune("ivfpq-refine", None, fake(reach, lambda p: 0.0005 * p["k_factor"] / 64 + 0.004 * p["nprobe"] / 8),
+                     q, truth, nlist=1024)
+    assert r == 1.0 and p == {"nprobe": 2, "k_factor": 256}
+    p, _ = core.tune("ivfpq", None, fake(lambda p: 1.0 if p["nprobe"] >= 8 else 0.5, lambda p: 0), q, truth, nlist=64)
+    assert p == {"nprobe": 8}
+    p, r = core.tune("ivfpq-refine", None, fake(lambda p: 0.5, lambda p: 0), q, truth, nlist=8)
+    assert r == 0.5 and p == {"nprobe": 1, "k_factor": 4}  # unreachable: the smallest with the best recall
