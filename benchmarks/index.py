@@ -184,7 +184,7 @@ def build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
         else:
             path = os.path.join(tmpdir, REFINE_FILE)
             with core.Timer() as t_ref:
-                write_refine(path, x[order].astype(np.float16))
+                write_refine(path, x, order)
             refine, vec = open_refine(path)
             meta = pa.table({"patch_id": sorted_ids})
             pidx = PatchIndex(idx, meta, {"kind": "ivfpq-refine", "refine": "fp16"}, {}, vec, refine=refine)

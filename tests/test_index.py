@@ -361,10 +361,38 @@ def test_tune_explores_nprobe_and_keeps_the_fastest():
                      q, truth, nlist=1024)
     assert r == 1.0 and p == {"nprobe": 8, "k_factor": 64}
     # scanning expensive: few lists, many candidates wins
-    p, r = core.tune("ivfpq-refine", None, fake(reach, lambda p: 0.0005 * p["k_factor"] / 64 + 0.004 * p["nprobe"] / 8),
+    p, r = core.tune("ivfpq-refine", None, fake(reach, lambda p: 0.0005 * p["k_factor"] / 64 + 0.008 * p["nprobe"] / 8),
                      q, truth, nlist=1024)
     assert r == 1.0 and p == {"nprobe": 2, "k_factor": 256}
     p, _ = core.tune("ivfpq", None, fake(lambda p: 1.0 if p["nprobe"] >= 8 else 0.5, lambda p: 0), q, truth, nlist=64)
     assert p == {"nprobe": 8}
     p, r = core.tune("ivfpq-refine", None, fake(lambda p: 0.5, lambda p: 0), q, truth, nlist=8)
     assert r == 0.5 and p == {"nprobe": 1, "k_factor": 4}  # unreachable: the smallest with the best recall
+
+
+def test_refine_file_is_a_faiss_index(tmp_path):
+    """write_refine streams the vectors in `order` into faiss' own IndexScalarQuantizer(fp16) layout:
+    faiss reads it (mmap and plain), searches it exactly, and the numpy view is the same rows."""
+    from mining.index.search import open_refine, write_refine
+
+    rng = np.random.default_rng(3)
+    x = core.normalize(rng.standard_normal((1000, DIM)).astype(np.float32)).astype(np.float16)
+    order = rng.permutation(len(x))
+    path = str(tmp_path / "refine.faiss")
+    nbytes = write_refine(path, x, order, chunk=300)
+    assert nbytes == os.path.getsize(path)
+    ix, view = open_refine(path)
+    assert ix.ntotal == len(x) and ix.d == DIM
+    np.testing.assert_array_equal(view, x[order])
+    plain = faiss.read_index(path)  # not memory-mapped
+    np.testing.assert_array_equal(plain.reconstruct_n(0, len(x)), x[order].astype(np.float32))
+    q = x[:5].astype(np.float32)
+    s, i = ix.search(q, 3)
+    ref = x[order].astype(np.float32) @ q.T
+    np.testing.assert_array_equal(i[:, 0], np.argmax(ref, axis=0))
+    np.testing.assert_allclose(s[:, 0], ref.max(axis=0), rtol=1e-5)
+    # a truncated file is refused by faiss
+    with open(path, "r+b") as f:
+        f.truncate(nbytes - 10)
+    with pytest.raises(Exception):
+        open_refine(path)

@@ -277,7 +277,7 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
         base_vec = manifest_extra.pop("_base_vectors", None)
         chunks = ([base_vec] if base_vec is not None else []) + [p["vectors"] for p in parts]
         allv = np.concatenate([np.asarray(c) for c in chunks]) if chunks else np.zeros((0, plan.dim), np.float16)
-        write_refine(os.path.join(staging, REFINE_FILE), allv[order])
+        write_refine(os.path.join(staging, REFINE_FILE), allv, order)
         del allv
         refine, vectors = open_refine(os.path.join(staging, REFINE_FILE))
     manifest_extra.pop("_base_vectors", None)

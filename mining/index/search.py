@@ -181,18 +181,34 @@ def open_vectors(path: str, *, populate: bool = True) -> np.ndarray:
     return arr
 
 
-def write_refine(path: str, vectors: np.ndarray, *, chunk: int = 65_536) -> None:
+def write_refine(path: str, vectors: np.ndarray, order: np.ndarray | None = None, *, chunk: int = 65_536) -> int:
     """Write the exact vectors of an ``ivfpq-refine`` version as a FAISS ``IndexScalarQuantizer``
-    (``QT_fp16``, inner product) file, rows in the given order (= the IVF labels).
+    (``QT_fp16``, inner product) file, streamed: row ``r`` of the file is ``vectors[order[r]]``.
 
-    Args: vectors: (N, D) float16 (or float32), L2-normalised, e.g. a memory map.  Float16 input is
-    stored losslessly (the fp16 encoder rounds an exact float16 value to itself).
+    The file is what ``faiss.write_index`` writes for such an index: the header of an empty one
+    (``serialize_index``) with ``ntotal`` set, then the code vector (a uint64 byte count and the
+    float16 rows).  Writing it directly skips faiss' float32 -> float16 encode (the rows already are
+    float16) and never holds a second copy of the vectors; :func:`open_refine` reads it back with
+    faiss and checks it.
+    Args:
+        vectors: (N, D) float16 (float32 is cast), L2-normalised, e.g. a memory map.
+        order: (N,) int row permutation (the patch_id sort), or None for the given order.
+    Returns: bytes written.  Raises: RuntimeError when faiss' serialisation does not have the
+    expected layout (a faiss version change).
     """
     n, d = vectors.shape
-    sq = faiss.IndexScalarQuantizer(int(d), faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    for s in range(0, n, chunk):
-        sq.add(np.ascontiguousarray(vectors[s:s + chunk], dtype=np.float32))
-    faiss.write_index(sq, path)
+    empty = faiss.serialize_index(
+        faiss.IndexScalarQuantizer(int(d), faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)).tobytes()
+    le = "little"
+    if (empty[:4] != b"IxSQ" or int.from_bytes(empty[4:8], le) != d or int.from_bytes(empty[8:16], le) != 0
+            or int.from_bytes(empty[-8:], le) != 0):
+        raise RuntimeError("unexpected faiss IndexScalarQuantizer serialisation layout; cannot stream refine file")
+    with open(path, "wb") as f:
+        f.write(empty[:8] + int(n).to_bytes(8, le) + empty[16:-8] + int(n * d * 2).to_bytes(8, le))
+        for s in range(0, n, chunk):
+            rows = order[s:s + chunk] if order is not None else slice(s, s + chunk)
+            f.write(np.ascontiguousarray(vectors[rows], dtype=np.float16).tobytes())
+        return f.tell()
 
 
 def open_refine(path: str) -> tuple[faiss.Index, np.ndarray]:
