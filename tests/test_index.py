@@ -396,3 +396,21 @@ def test_refine_file_is_a_faiss_index(tmp_path):
         f.truncate(nbytes - 10)
     with pytest.raises(Exception):
         open_refine(path)
+
+
+def test_query_engine_over_ivfpq_refine(tmp_path):
+    """The query service's engine over an ivfpq-refine version: rows come back as patch_ids with their
+    metadata and exact scores (a stored vector finds its own patch first, score ~1)."""
+    from mining.query import QueryEngine
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "idx")
+    x = write_store(data, 3, 500)
+    mi.build_index(data, out, kind="ivfpq-refine", use_ray=False, verbose=False)
+    eng = QueryEngine(out, load_embedder=False)  # synthetic vectors: embedding queries only
+    xs, ids = all_vectors(data)
+    hits = [eng.embedding(xs[i], k=3, dedup=False) for i in range(0, 1500, 150)]
+    top = [h.column("patch_id")[0].as_py() for h in hits]
+    assert np.mean(np.array(top) == ids[0:1500:150]) >= 0.9
+    assert all(abs(h.column("score")[0].as_py() - 1.0) < 2e-3 for h in hits)
+    assert all(h.column("image_uri")[0].as_py().startswith("/data/shard-") for h in hits)
+    assert len(x) == 1500
