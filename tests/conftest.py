@@ -207,3 +207,31 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 600, check:
     if check and cp.returncode != 0:
         raise AssertionError(f"`python -m {' '.join(args)}` exited {cp.returncode}\nSTDOUT:\n{cp.stdout[-4000:]}\nSTDERR:\n{cp.stderr[-6000:]}")
     return cp
+
+
+# --------------------------------------------------------------------------- process exit
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._mining_exitstatus = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave the test process with pytest's own exit status right after pytest has reported,
+    skipping the interpreter's finalisation.
+
+    Why: on 2026-11-21 one of seven full runs passed every test and then died with SIGSEGV during
+    interpreter shutdown (dmesg: instruction fetch from a heap address, i.e. a native destructor
+    or thread running over freed memory; no Python frame; not reproduced since, cause unknown --
+    candidates are the gRPC threads of the Ray drivers and faiss/torch OpenMP teardown).  That
+    turns a green run red.  Ray drivers and the Ray head are shut down by their fixtures before
+    this hook, and pytest has written its report and cache.  The status (failures, errors, "no
+    tests") is pytest's.  ``MINING_TESTS_NORMAL_EXIT=1`` keeps the normal shutdown, e.g. with
+    ``PYTHONFAULTHANDLER=1`` to chase that crash.
+    """
+    status = getattr(config, "_mining_exitstatus", None)
+    if status is None or os.environ.get("MINING_TESTS_NORMAL_EXIT") == "1":
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
