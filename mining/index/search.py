@@ -89,21 +89,18 @@ class PatchIndex:
         q = core.normalize(queries, dim=self.dim, what="queries")
         if self.ntotal == 0:
             return np.full((len(q), k), core.MISSING_SCORE, np.float32), np.full((len(q), k), -1, np.int64)
-        if self._refine is not None:
-            s, rows = self._search_index.search(q, k)
-            ok = rows >= 0
-            ids = np.where(ok, self._sorted_ids[np.where(ok, rows, 0)], -1).astype(np.int64)
-            s = s.astype(np.float32, copy=True)
-            s[~ok] = core.MISSING_SCORE
-            return s, ids
-        if self._vectors is not None and self.manifest.get("refine") == "store":  # legacy versions
+        if self._refine is None and self._vectors is not None and self.manifest.get("refine") == "store":
+            # legacy versions (vectors.npy, labels = patch_ids): numpy re-rank
             kf = int(self.params.get("k_factor", DEFAULT_K_FACTOR))
             _, cand = self.index.search(q, min(self.ntotal, k * kf))
             return core.rerank(q, cand, self._sorted_ids, self._vectors, k)
-        s, i = self.index.search(q, k)
+        s, i = self._search_index.search(q, k)
         s = s.astype(np.float32, copy=False)
-        s[i < 0] = core.MISSING_SCORE
-        return s, i.astype(np.int64, copy=False)
+        missing = i < 0
+        if self._refine is not None:  # labels are rows of the patch_id-sorted metadata
+            i = self._sorted_ids[np.where(missing, 0, i)]
+        s[missing] = core.MISSING_SCORE
+        return s, np.where(missing, -1, i).astype(np.int64, copy=False)
 
     # ------------------------------------------------------------------ metadata
     def metadata(self) -> pa.Table:

@@ -143,15 +143,16 @@ def choose_pq_nbits(n_train: int) -> int:
     return max(1, int(math.floor(math.log2(max(2, n_train) / MIN_POINTS_PER_CENTROID))))
 
 
-def opq_dout(dim: int, m: int) -> int:
-    """OPQ output dimension: min(dim, PQ_DSUB * m) rounded down to a multiple of m (divides evenly by M)."""
-    d = min(dim, PQ_DSUB * m)
+def opq_dout(dim: int, m: int, dsub: int = PQ_DSUB) -> int:
+    """OPQ output dimension: min(dim, dsub * m) rounded down to a multiple of m (divides evenly by M);
+    ``dsub`` dims per sub-quantizer (:data:`PQ_DSUB` for 8-bit PQ, :data:`FS_DSUB` for 4-bit fast-scan)."""
+    d = min(dim, dsub * m)
     return max(m, d - d % m)
 
 
-def ivf_fixed_bytes(dim: int, nlist: int, m: int, nbits: int = 8, opq: bool = True) -> int:
+def ivf_fixed_bytes(dim: int, nlist: int, m: int, nbits: int = 8, opq: bool = True, dsub: int = PQ_DSUB) -> int:
     """Bytes of an IVF-PQ index that do not grow with N: OPQ matrix, coarse centroids, PQ codebooks."""
-    dout = opq_dout(dim, m) if opq else dim
+    dout = opq_dout(dim, m, dsub) if opq else dim
     return 4 * ((dout * dim if opq else 0) + nlist * dout + (1 << nbits) * dout)
 
 
@@ -177,18 +178,11 @@ def choose_pq_m(dim: int, budget_per_vector: float | None, nbits: int = 8, *, n:
     )
 
 
-def fs_opq_dout(dim: int, m: int) -> int:
-    """OPQ output dimension for 4-bit fast-scan PQ: min(dim, FS_DSUB * m) rounded down to a multiple of m."""
-    d = min(dim, FS_DSUB * m)
-    return max(m, d - d % m)
-
-
 def fastscan_fixed_bytes(dim: int, nlist: int, m: int, opq: bool = True) -> int:
-    """Bytes of an IVF-PQ fast-scan index that do not grow with N: OPQ matrix, coarse centroids,
-    4-bit codebooks, and the block padding of the inverted lists (half a block of FS_BLOCK codes of
-    M/2 bytes per list, on average)."""
-    dout = fs_opq_dout(dim, m) if opq else dim
-    tables = 4 * ((dout * dim if opq else 0) + nlist * dout + (1 << FS_NBITS) * dout)
+    """Bytes of an IVF-PQ fast-scan index that do not grow with N: :func:`ivf_fixed_bytes` (4-bit,
+    FS_DSUB dims per sub-quantizer) plus the block padding of the inverted lists (half a block of
+    FS_BLOCK codes of M/2 bytes per list, on average)."""
+    tables = ivf_fixed_bytes(dim, nlist, m, FS_NBITS, opq, FS_DSUB)
     return int(tables + nlist * (FS_BLOCK // 2) * ((m + 1) // 2))
 
 
@@ -212,8 +206,6 @@ def choose_fastscan(dim: int, budget_per_vector: float | None, *, n: int, nlist:
             per_vec = (m + 1) // 2 + ID_BYTES + fastscan_fixed_bytes(dim, nl, m, opq) / max(1, n)
             if budget_per_vector is None or per_vec <= budget_per_vector:
                 return m, nl
-            if budget_per_vector is None:
-                break
     raise ValueError(
         f"no 4-bit PQ size fits: dim={dim}, budget {budget_per_vector} bytes/vector "
         f"(the smallest code is 2 bytes + {ID_BYTES} bytes of id + fixed bytes)"
@@ -330,7 +322,7 @@ def _plan_fastscan(kind, dim, n, nlist, n_train, per_vec, use_opq, rules) -> Ind
     rules.append(f"n_train={n_train} ({n_train / nlist:.0f} pts/centroid)")
     rules.append(f"PQ{m}x{FS_NBITS}fsr: 4-bit fast-scan, {(m + 1) // 2} B code + {ID_BYTES} B id per vector "
                  f"+ {fastscan_fixed_bytes(dim, nlist, m, use_opq) / n:.1f} B fixed (centroids, OPQ, block padding)")
-    factory, dout = _ivf_factory(nlist, m, f"PQ{m}x{FS_NBITS}fsr", fs_opq_dout(dim, m), use_opq, rules)
+    factory, dout = _ivf_factory(nlist, m, f"PQ{m}x{FS_NBITS}fsr", opq_dout(dim, m, FS_DSUB), use_opq, rules)
     rules.append("refine: exact float16 vectors (refine.faiss, memory-mapped), k * k_factor candidates")
     return IndexPlan(
         kind, dim, n, factory, n_train=n_train, nlist=nlist, pq_m=m, pq_nbits=FS_NBITS, opq_dout=dout,
