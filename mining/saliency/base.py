@@ -11,9 +11,12 @@ created with :func:`get_backend`.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 _REGISTRY: dict[str, Callable[..., "SaliencyBackend"]] = {}
 
@@ -31,6 +34,8 @@ class SaliencyBackend:
 
     name: str = "base"
     weight_free: bool = True
+    device_native: bool = False
+    """True when :meth:`predict_tensors` runs on the tensors' own device (no host round trip)."""
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Saliency map of one image.
@@ -50,6 +55,26 @@ class SaliencyBackend:
         Returns one (H_i, W_i) float32 map in [0, 1] per input image.
         """
         return [self.predict(im) for im in images]
+
+    def predict_tensors(self, images: Sequence["torch.Tensor"]) -> list["torch.Tensor"]:
+        """Saliency maps of device-resident images: the entry point of the device selector.
+
+        Args:
+            images: (3, H_i, W_i) uint8 RGB tensors (views are fine), all on one device.
+        Returns:
+            one (H_i, W_i) float32 tensor in [0, 1] per image, on the images' device.
+
+        The default is a host round trip through :meth:`predict_batch` (for the OpenCV-only
+        backends); backends with a torch implementation override it and set
+        ``device_native = True``.
+        """
+        import torch
+
+        if not len(images):
+            return []
+        dev = images[0].device
+        host = [np.ascontiguousarray(t.permute(1, 2, 0).cpu().numpy()) for t in images]
+        return [torch.from_numpy(np.asarray(m, np.float32)).to(dev) for m in self.predict_batch(host)]
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return self.predict(image)
