@@ -38,7 +38,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-actor", type=int, default=None, help="CPUs per actor without GPUs (default: all CPUs / actors)")
     g.add_argument("--batch-size", type=int, default=None, help="patches per CLIP forward (default: from free GPU memory; 64 on CPU)")
     g.add_argument("--device", default=None, help="torch device in the actors (default: cuda when visible, else cpu)")
-    g.add_argument("--decode-threads", type=int, default=2)
+    g.add_argument("--decode-threads", type=int, default=None,
+                   help="decode (+ selection on CPU) threads per actor (default: the actor's CPUs)")
     g.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is recorded as failed")
     g.add_argument("--images-per-shard", type=int, default=64, help="frames per shard for directories of images")
 

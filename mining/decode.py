@@ -3,9 +3,10 @@
 Handles the odd-but-valid formats a fleet produces (16-bit PNG, grayscale, RGBA,
 palette, CMYK JPEG) and applies the EXIF orientation *before* selection, so every
 box refers to the upright frame. Refuses decompression bombs above a pixel limit
-before decoding the pixels. On a GPU, JPEGs are decoded on the device with
-``torchvision.io.decode_jpeg(device="cuda")`` (EXIF orientation applied there too),
-falling back to Pillow for anything nvJPEG rejects.
+before decoding the pixels. On a GPU, JPEGs are decoded on the device in batches with
+``torchvision.io.decode_jpeg(list, device="cuda")`` and oriented there (torchvision applies
+EXIF orientation on CPU only), falling back to Pillow for anything nvJPEG should not or
+cannot decode (see :mod:`mining.frames`).
 """
 from __future__ import annotations
 
@@ -107,11 +108,12 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
 
 
 def decode_image_device(data: bytes, device, *, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Decode to a (3, H, W) uint8 tensor on ``device``.
+    """Decode to a (3, H, W) uint8 tensor on ``device`` (EXIF orientation applied).
 
-    On CUDA, JPEGs are decoded by nvJPEG (``torchvision.io.decode_jpeg(device=...)``) with the
-    EXIF orientation applied; other formats, and JPEGs nvJPEG rejects (CMYK, progressive
-    corner cases), go through :func:`decode_image`. On CPU this is :func:`decode_image`.
+    On CUDA this is a batch of one through :func:`mining.frames.decode_batch`: JPEGs are decoded
+    by nvJPEG and oriented on the device (torchvision applies EXIF orientation on CPU only);
+    other formats, and JPEGs nvJPEG should not or cannot decode, go through :func:`decode_image`.
+    On CPU this is :func:`decode_image`.
 
     Raises:
         DecodeError: as :func:`decode_image`.
@@ -119,17 +121,12 @@ def decode_image_device(data: bytes, device, *, max_pixels: int = DEFAULT_MAX_PI
     import torch
 
     dev = torch.device(device)
-    if dev.type == "cuda" and data[:3] == b"\xff\xd8\xff":
-        w, h = image_size(data)
-        if w * h > max_pixels:
-            raise DecodeError(f"decompression bomb refused: {w}x{h} = {w * h} pixels > limit {max_pixels}")
-        try:
-            from torchvision.io import ImageReadMode, decode_jpeg
+    if dev.type == "cuda":
+        from mining.frames import decode_batch
 
-            t = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                            device=dev, apply_exif_orientation=True)
-            return t
-        except Exception:  # noqa: BLE001 - fall back to Pillow, which gives the precise error
-            pass
+        out = decode_batch([data], dev, max_pixels=max_pixels)[0]
+        if isinstance(out, DecodeError):
+            raise out
+        return out
     arr = decode_image(data, max_pixels=max_pixels)
-    return torch.from_numpy(arr).permute(2, 0, 1).to(dev, non_blocking=True)
+    return torch.from_numpy(arr).permute(2, 0, 1)

@@ -205,14 +205,17 @@ class ClipEmbedder:
 
     # ------------------------------------------------------------------ encoders
     @torch.no_grad()
-    def embed_pixels(self, pixels: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
-        """Embed resized patches.
+    def encode_pixels(self, pixels: torch.Tensor, batch_size: int | None = None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Embed resized patches without leaving the device (no host sync on CUDA).
 
         Args:
-            pixels: (N, 3, S, S) float or uint8 in [0, 255].
+            pixels: (N, 3, S, S) float or uint8 in [0, 255], any device.
             batch_size: patches per forward (default :meth:`default_batch_size`).
+            dtype: dtype of the result (the L2 normalisation is done in float32 first, so
+                ``float16`` here equals ``embed_pixels(...).astype(np.float16)``).
         Returns:
-            (N, D) float32, L2-normalised rows.
+            (N, D) L2-normalised rows of ``dtype`` on this embedder's device.
         """
         bs = batch_size or self.default_batch_size()
         outs = []
@@ -230,10 +233,21 @@ class ClipEmbedder:
                 with self._autocast():
                     z = self.model.encode_image(x)
                 self._fwd_s += time.perf_counter() - t0
-            outs.append(F.normalize(z.float(), dim=-1).cpu())
+            outs.append(F.normalize(z.float(), dim=-1).to(dtype))
         if not outs:
-            return np.zeros((0, self.dim), np.float32)
-        return torch.cat(outs).numpy()
+            return torch.zeros((0, self.dim), dtype=dtype, device=self.device)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def embed_pixels(self, pixels: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+        """Embed resized patches.
+
+        Args:
+            pixels: (N, 3, S, S) float or uint8 in [0, 255].
+            batch_size: patches per forward (default :meth:`default_batch_size`).
+        Returns:
+            (N, D) float32, L2-normalised rows (host numpy).
+        """
+        return self.encode_pixels(pixels, batch_size).cpu().numpy()
 
     def pop_forward_seconds(self) -> float:
         """Seconds spent in the image tower's forward since the last call (CUDA: from events)."""

@@ -1,10 +1,17 @@
 """The per-shard mining runner and its Ray driver.
 
-Data flow inside one actor (one per GPU, or per ``cpus_per_actor`` CPUs without a GPU)::
+Data flow inside one actor (one per GPU, or per ``cpus_per_actor`` CPUs without a GPU), read
+like clip-retrieval's runner: reader -> mapper -> writer, each stage timed (``stage_s``)::
 
-    shard reader thread ──(bounded queue)──> decode thread pool ──> select (saliency + §3.1 selector)
-        ──> crop + resize on the device ──> CLIP (bf16 autocast on GPU, batches across frames)
-        ──> ShardOutput ──> write parts ──> commit ledger record
+    FrameSource (mining/frames.py)      read: shard reader thread (iter_shard)
+                                        decode: CUDA: batched nvJPEG thread; CPU: thread pool
+    select_frames (mining/select_device.py)
+                                        select: CUDA: one call per frame batch on the device;
+                                                CPU: per frame in the decode pool
+    PatchBatcher (mining/batcher.py)    crop: all boxes of a frame batch, grouped by size
+                                        embed: CLIP (bf16 autocast on GPU), full batches
+    PatchWriter (mining/batcher.py)     write: writer thread -> Arrow column blocks,
+                                               then the Parquet parts + ledger record
 
 Why explicit actors and not Ray Data ``map_batches``: the unit of work, of retry and of
 commit is one *shard*. With explicit actors each shard's outputs are written at
@@ -13,15 +20,33 @@ shard is retried as a whole on a (restarted) actor, and a shard that fails every
 becomes one ``failed`` ledger record plus an errors row. Ray Data names output files
 ``{uuid}_{block}`` and appends (a rerun duplicates rows), aborts the dataset on the
 first UDF error by default, and its checkpointing is beta (see ../shared/NOTES.md).
+
+Why the stages are split this way (issue 13; target >= 10,000 patches/s per H200):
+
+* GPU time must not add to host time. On CUDA nothing in the main loop waits for the device:
+  frames are decoded on a side stream, selected and cropped on the device, CLIP's output is
+  copied back without blocking and turned into rows by the writer thread. The host work per
+  frame (reading bytes, building Arrow columns, writing) is reported as ``host_s`` and
+  ``host_ms_per_frame`` in every ledger record, so a benchmark shows the host ceiling.
+* Frames move in batches (``frame_batch``, 32 on CUDA): one nvJPEG call, one selection call,
+  a few crop/resize ops per batch instead of per frame. On CPU a small batch (4) only
+  groups the crops; the parallelism comes from the pool.
+* CPU actors use all their cores: decode and selection run per frame in a pool of
+  ``decode_threads`` threads (default: the actor's CPUs; Pillow, OpenCV and numpy release
+  the GIL), torch's intra-op threads are set to the same count for CLIP. Weight-free
+  saliency backends get one instance per thread (an OpenCV saliency object is not
+  documented as thread-safe); learned ones (torch modules in eval mode) are shared.
+* A batch whose selection fails is selected again frame by frame, so one bad frame costs
+  one errors row, as before the batching. ``select_impl=None`` picks the device's default
+  (:func:`mining.select_device.default_impl`); if that implementation is not available
+  (NotImplementedError), the actor logs it and uses ``numpy``; an explicitly requested
+  one fails the shard instead.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import datetime as _dt
-import json
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
@@ -30,13 +55,14 @@ from typing import Any
 
 import numpy as np
 
-from mining.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_image_device
-from mining.shards import ShardRef, iter_shard, list_shards
-from mining.store import ShardOutput, committed_shards, make_image_id, make_patch_id, read_ledger, shard_key, write_shard
+from mining.decode import DEFAULT_MAX_PIXELS
+from mining.shards import ShardRef, list_shards
+from mining.stages import HOST_STAGES, STAGES, StageTimer
+from mining.store import ShardOutput, committed_shards, image_row, write_shard
 
 log = logging.getLogger(__name__)
 
-STAGES = ("read", "decode", "select", "embed", "write")
+DEFAULT_FRAME_BATCH = {"cuda": 32, "cpu": 4}
 
 # Settings the actors need from the driver's environment. Actors on a cluster started with
 # `ray start` do not inherit the driver's environment, so these travel in the actor's
@@ -52,20 +78,42 @@ def actor_env() -> dict:
     return {k: os.environ[k] for k in PASS_ENV if k in os.environ}
 
 
+def actor_cpus() -> int:
+    """CPUs this process may use: the Ray actor's assigned ``CPU`` resource, else its CPU affinity."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            n = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if n:
+                return max(1, int(round(n)))
+    except Exception:  # noqa: BLE001 - not in a worker, or an older Ray: fall back to affinity
+        pass
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
 @dataclass
 class MineConfig:
     """Everything a mining actor needs; picklable, recorded in every ledger record.
 
     Selection: ``selector`` is ``saliency`` (thesis hierarchy with the ``saliency`` backend),
-    ``ltrp`` or ``kpp`` (learned / training-free patch ranking feeding the same selector).
+    ``ltrp`` or ``kpp`` (learned / training-free patch ranking feeding the same selector);
+    ``select_impl`` is ``torch`` | ``numpy`` | None (the device's default, see
+    :func:`mining.select_device.default_impl`).
     CLIP: ``clip_model`` (open_clip name), ``clip_pretrained`` (tag or checkpoint path),
     ``clip_random_init`` (explicit smoke-run opt-in).
+    Throughput: ``frame_batch`` frames per decode/select/crop batch (None: 32 on CUDA, 4 on
+    CPU); ``decode_threads`` (None: the actor's CPUs); ``prefetch`` frames read ahead.
     """
 
     preset: str | None = None            # None: mining.selection.DEFAULT_PRESET
     saliency: str | None = None          # None: mining.selection.DEFAULT_SALIENCY
     selector: str = "saliency"
     selection_overrides: dict = field(default_factory=dict)
+    select_impl: str | None = None       # "torch" | "numpy" | None: default_impl(device)
     ltrp_checkpoint: str | None = None
     mae_checkpoint: str | None = None
     kpp_ratio: float = 0.25
@@ -75,8 +123,9 @@ class MineConfig:
     clip_random_init: bool = False
     batch_size: int | None = None        # patches per CLIP forward (None: from free memory)
     device: str | None = None            # None: cuda when available else cpu
-    decode_threads: int = 2
-    prefetch: int = 8                    # decoded frames in flight per actor
+    decode_threads: int | None = None    # None: the actor's CPU count
+    frame_batch: int | None = None       # frames per decode/select batch (None: DEFAULT_FRAME_BATCH)
+    prefetch: int = 8                    # frames read ahead per actor
     max_pixels: int = DEFAULT_MAX_PIXELS
     date: str | None = None              # ingest date partition (YYYY-MM-DD); None: today (UTC)
     run_id: str | None = None
@@ -113,212 +162,190 @@ class ShardMiner:
 
     Args:
         cfg: a :class:`MineConfig` (resolved: date and run_id set).
+        writer_thread: build the Arrow columns in a writer thread (default) or in the main loop.
     Raises:
         mining.embed.WeightsError: CLIP weights cannot be loaded (never falls back to random).
+        ValueError: unknown ``select_impl``.
     """
 
-    def __init__(self, cfg: MineConfig):
+    def __init__(self, cfg: MineConfig, writer_thread: bool = True):
+        import torch
+
         from mining import selection
         from mining.embed import ClipEmbedder, ClipSpec
+        from mining.select_device import IMPLS, default_impl
 
-        self.cfg = cfg if cfg.run_id else cfg.resolved()
+        self.cfg = cfg = cfg.resolved()  # idempotent: keeps a given date / run_id
+        if self.cfg.select_impl is not None and self.cfg.select_impl not in IMPLS:
+            raise ValueError(f"unknown select_impl {self.cfg.select_impl!r}; use one of {IMPLS} or None")
         self.embedder = ClipEmbedder(ClipSpec(cfg.clip_model, cfg.clip_pretrained, cfg.clip_random_init), device=cfg.device)
         self.device = self.embedder.device
+        self.on_cuda = self.device.type == "cuda"
         self.backend = make_backend(self.cfg)
         self.sel_config = selection.get_preset(self.cfg.preset, **self.cfg.selection_overrides)
         self.batch_size = cfg.batch_size or self.embedder.default_batch_size()
+        self.select_impl = self.cfg.select_impl or default_impl(self.device)
+        self._impl_auto = self.cfg.select_impl is None
+        self.cpus = actor_cpus()
+        self.decode_threads = max(1, self.cfg.decode_threads or self.cpus)
+        self.frame_batch = max(1, self.cfg.frame_batch or DEFAULT_FRAME_BATCH["cuda" if self.on_cuda else "cpu"])
+        if not self.on_cuda:
+            torch.set_num_threads(self.cpus)
+        self.writer_thread = writer_thread
+        self._local = threading.local()
         self.embedder.pop_forward_seconds()
-        self._select = selection.select_patches
 
     def info(self) -> dict:
-        """Device, model id, embedding dim, batch size, hostname and CUDA_VISIBLE_DEVICES of this actor."""
+        """Device, model id, embedding dim, batch sizes, threads, hostname and CUDA_VISIBLE_DEVICES of this actor."""
         import socket
 
         return {"device": str(self.device), "model": self.embedder.model_id, "dim": self.embedder.dim,
-                "batch_size": self.batch_size, "host": socket.gethostname(), "pid": os.getpid(),
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+                "batch_size": self.batch_size, "frame_batch": self.frame_batch, "select_impl": self.select_impl,
+                "cpus": self.cpus, "decode_threads": self.decode_threads, "host": socket.gethostname(),
+                "pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     # ------------------------------------------------------------------ one shard
     def mine_shard(self, ref: ShardRef, root: str, *, commit: bool = True) -> dict:
         """Mine one shard end to end and commit it to ``root``'s ledger.
 
         Returns:
-            the ledger record, with ``stage_s`` (seconds per stage: read, decode, select,
-            embed, write) and ``wall_s``.
+            the ledger record, with ``stage_s`` (work seconds per stage: read, decode, select,
+            crop, embed, write; see :mod:`mining.stages`), ``wall_s``, ``wait_s`` (main loop
+            waiting for frames), ``forward_s`` (CLIP forward, device time on CUDA), ``host_s``
+            (read + write seconds) and ``host_ms_per_frame``.
         Raises:
-            whatever aborts the whole shard (I/O after retries, OOM); per-frame problems
-            become errors rows instead.
+            whatever aborts the whole shard (I/O after retries, OOM, an unavailable explicit
+            ``select_impl``); per-frame problems become errors rows instead.
         """
+        from mining.batcher import PatchBatcher, PatchWriter
+        from mining.frames import FrameSource
+
         cfg = self.cfg
-        self._shard_uri = ref.uri
         t_start = time.perf_counter()
-        stage = dict.fromkeys(STAGES, 0.0)
+        timer = StageTimer(STAGES)
         out = ShardOutput(shard=ref.uri, date=cfg.date, run_id=cfg.run_id, model=self.embedder.model_id,
                           dim=self.embedder.dim, random_init=cfg.clip_random_init)
-        out.extra = {"selection": {"selector": cfg.selector, "preset": cfg.preset, "saliency": cfg.saliency,
-                                   "overrides": cfg.selection_overrides}}
-
-        q: queue.Queue = queue.Queue(maxsize=max(2, cfg.prefetch))
-        stop = threading.Event()
-        read_err: list[BaseException] = []
-
-        def reader():
-            try:
-                for rec in iter_shard(ref):
-                    while not stop.is_set():
-                        try:
-                            q.put(rec, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-            except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
-                read_err.append(e)
-            finally:
-                q.put(None)
-
-        on_gpu = self.device.type == "cuda"
-
-        def decode(rec):
-            """-> (record, (H, W, 3) uint8 numpy frame, device tensor (3, H, W) or None, error, seconds)."""
-            t0 = time.perf_counter()
-            try:
-                if on_gpu:
-                    # nvJPEG on the device (EXIF applied); the selector gets a host copy, the crops
-                    # are cut from the device-resident frame (no second upload)
-                    dev = decode_image_device(rec.data, self.device, max_pixels=cfg.max_pixels)
-                    return rec, dev.permute(1, 2, 0).cpu().numpy(), dev, None, time.perf_counter() - t0
-                return rec, decode_image(rec.data, max_pixels=cfg.max_pixels), None, None, time.perf_counter() - t0
-            except DecodeError as e:
-                return rec, None, None, e.reason, time.perf_counter() - t0
-
-        rt = threading.Thread(target=reader, name=f"read-{ref.uri[-20:]}", daemon=True)
-        rt.start()
-        pool = cf.ThreadPoolExecutor(max_workers=max(1, cfg.decode_threads), thread_name_prefix="decode")
-        pending_px: list = []       # crops waiting for a CLIP batch
-        pending_rows: list[list[dict]] = []
-        n_pending = 0
-
-        def flush():
-            nonlocal pending_px, pending_rows, n_pending
-            if not n_pending:
-                return
-            import torch
-
-            t0 = time.perf_counter()
-            px = torch.cat(pending_px) if len(pending_px) > 1 else pending_px[0]
-            emb = self.embedder.embed_pixels(px, batch_size=self.batch_size)
-            stage["embed"] += time.perf_counter() - t0
-            rows = [r for rs in pending_rows for r in rs]
-            out.patches.extend(rows)
-            out.embeddings.append(emb.astype(np.float16))
-            pending_px, pending_rows, n_pending = [], [], 0
-
+        writer = PatchWriter(out, timer, threaded=self.writer_thread)
+        batcher = PatchBatcher(self.embedder, self.batch_size, writer, timer)
+        source = FrameSource(ref, self.device, frame_batch=self.frame_batch, prefetch=cfg.prefetch,
+                             threads=self.decode_threads, max_pixels=cfg.max_pixels, timer=timer,
+                             select_one=None if self.on_cuda else self._select_one)
+        n_frames = 0
         try:
-            inflight: list[cf.Future] = []
-            done_reading = False
-            while True:
-                # keep up to `prefetch` frames decoding
-                while not done_reading and len(inflight) < max(1, cfg.prefetch):
-                    t0 = time.perf_counter()
-                    rec = q.get()
-                    stage["read"] += time.perf_counter() - t0
-                    if rec is None:
-                        done_reading = True
-                        break
-                    if rec.sidecar_error:
-                        out.add_error(rec.image_uri, "sidecar", rec.sidecar_error)
-                    if rec.error is not None:
-                        out.add_error(rec.image_uri, rec.error[0], rec.error[1])
-                        out.images.append(self._image_row(rec, None, 0, "error", rec.error[1]))
-                        continue
-                    inflight.append(pool.submit(decode, rec))
-                if not inflight:
-                    break
-                t0 = time.perf_counter()
-                fut = inflight.pop(0)
-                rec, image, dev_image, err, dec_s = fut.result()
-                stage["decode"] += dec_s
-                if err is not None:
-                    out.add_error(rec.image_uri, "decode", err)
-                    out.images.append(self._image_row(rec, None, 0, "error", err))
-                    continue
-                n_pending += self._mine_frame(rec, image, out, stage, pending_px, pending_rows, dev_image)
-                if n_pending >= self.batch_size:
-                    flush()
-            flush()
-            if read_err:
-                e = read_err[0]
-                out.add_error(ref.uri, "read", f"shard read failed after {len(out.images)} frames: {type(e).__name__}: {e}")
-                if not out.images:
-                    raise e
+            with source:
+                for batch in source:                         # read + decode (+ select on CPU)
+                    batch.wait()
+                    if self.on_cuda:
+                        self._select_batch(batch.frames, timer)  # select
+                    ok = self._frame_rows(batch.frames, out)
+                    batcher.add([f.image for f in ok], [f.rec.image_uri for f in ok],
+                                [f.selection for f in ok])   # crop (+ embed full CLIP batches)
+                    n_frames += len(batch.frames)
+                batcher.flush()                              # embed the rest
         finally:
-            stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
+            writer.close()                                   # write: the last column blocks
+        if source.read_error is not None:
+            e = source.read_error
+            out.add_error(ref.uri, "read", f"shard read failed after {len(out.images)} frames: {type(e).__name__}: {e}")
+            if not out.images:
+                raise e
         t0 = time.perf_counter()
         import resource
 
-        out.extra["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        out.extra["stage_s"] = {k: round(v, 4) for k, v in stage.items()}
-        out.extra["forward_s"] = round(self.embedder.pop_forward_seconds(), 4)  # model forward inside "embed"
-        out.extra["wall_s"] = round(time.perf_counter() - t_start, 4)
+        out.extra = {"selection": {"selector": cfg.selector, "preset": cfg.preset, "saliency": cfg.saliency,
+                                   "overrides": cfg.selection_overrides, "impl": self.select_impl},
+                     "frame_batch": self.frame_batch, "decode_threads": self.decode_threads,
+                     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                     "forward_s": round(self.embedder.pop_forward_seconds(), 4),  # model forward inside "embed"
+                     "wait_s": round(timer.get("wait"), 4), "frames": n_frames}
         record = write_shard(root, out, commit=False)
-        stage["write"] += time.perf_counter() - t0
-        record["stage_s"]["write"] = round(stage["write"], 4)
-        record["wall_s"] = round(time.perf_counter() - t_start, 4)
+        timer.add("write", time.perf_counter() - t0)
+        host_s = sum(timer.get(k) for k in HOST_STAGES)
+        record.update(stage_s=timer.stage_s(), host_s=round(host_s, 4),
+                      host_ms_per_frame=round(1e3 * host_s / max(1, n_frames), 3),
+                      wall_s=round(time.perf_counter() - t_start, 4))
         if commit:
             from mining.store import commit_record
 
             commit_record(root, record)
         return record
 
-    def _image_row(self, rec, image, n, status, reason) -> dict:
-        h, w = (image.shape[:2] if image is not None else (0, 0))
-        return dict(image_id=make_image_id(rec.image_uri), image_uri=rec.image_uri, shard=self._shard_uri,
-                    date=self.cfg.date, width=int(w), height=int(h), num_patches=int(n), status=status,
-                    reason=reason or "", metadata=json.dumps(rec.metadata or {}, sort_keys=True, default=str),
-                    run_id=self.cfg.run_id)
+    # ------------------------------------------------------------------ selection
+    def _run_select(self, images: list, backend) -> list:
+        """``select_frames`` with this actor's impl; an unavailable default impl falls back to numpy."""
+        from mining.select_device import select_frames
 
-    def _mine_frame(self, rec, image: np.ndarray, out: ShardOutput, stage: dict, pending_px: list, pending_rows: list,
-                    dev_image=None) -> int:
-        """Select, crop and queue one frame's patches for embedding; returns how many were queued."""
-        import torch
-
-        t0 = time.perf_counter()
+        impl = self.select_impl
         try:
-            sel = self._select(image, self.sel_config, self.backend)
-        except Exception as e:  # noqa: BLE001 - one bad frame must not cost the shard
-            stage["select"] += time.perf_counter() - t0
-            reason = f"selection failed: {type(e).__name__}: {e}"
-            out.add_error(rec.image_uri, "select", reason)
-            out.images.append(self._image_row(rec, image, 0, "error", reason))
-            return 0
-        stage["select"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        image_id = make_image_id(rec.image_uri)
-        boxes = np.asarray(sel.boxes, dtype=np.int64).reshape(-1, 4)
-        if dev_image is not None:
-            t = dev_image
-        else:
-            t = torch.from_numpy(image).permute(2, 0, 1)
-            if self.device.type == "cuda":
-                t = t.pin_memory()  # async host->device copy overlapping the previous batch's compute
-        px = self.embedder.crops_from_image(t, boxes)
-        stage["embed"] += time.perf_counter() - t0
-        rows = []
-        for b, lvl, s in zip(boxes.tolist(), np.asarray(sel.levels).tolist(), np.asarray(sel.scores).tolist()):
-            rows.append(dict(patch_id=make_patch_id(image_id, b, lvl), image_id=image_id, image_uri=rec.image_uri,
-                             shard=out.shard, date=out.date, x0=b[0], y0=b[1], x1=b[2], y1=b[3], level=int(lvl),
-                             score=float(s), model=out.model, run_id=out.run_id))
-        pending_px.append(px)
-        pending_rows.append(rows)
-        status, reason = "ok", ""
-        h, w = image.shape[:2]
-        if len(boxes) == 1 and tuple(boxes[0]) == (0, 0, w, h):
-            status, reason = "ok", "smaller than the smallest patch: one whole-frame patch"
-        out.images.append(self._image_row(rec, image, len(rows), status, reason))
-        return len(rows)
+            return select_frames(images, self.sel_config, backend, impl=impl)
+        except NotImplementedError as e:
+            if not self._impl_auto or impl == "numpy":
+                raise
+            log.warning("selection impl %r unavailable (%s); this actor uses 'numpy'", impl, e)
+            self.select_impl = "numpy"
+            return select_frames(images, self.sel_config, backend, impl="numpy")
+
+    def _thread_backend(self):
+        """The saliency backend for the calling thread (one per thread if weight-free, else shared)."""
+        if not getattr(self.backend, "weight_free", False):
+            return self.backend
+        b = getattr(self._local, "backend", None)
+        if b is None:
+            b = self._local.backend = make_backend(self.cfg)
+        return b
+
+    def _select_one(self, image):
+        """CPU path, in a pool thread: (3, H, W) uint8 host tensor -> Selection."""
+        return self._run_select([image], self._thread_backend())[0]
+
+    def _select_batch(self, frames: list, timer: StageTimer) -> None:
+        """CUDA path: select all decoded frames of a batch in one call; on failure, frame by frame."""
+        todo = [f for f in frames if f.error is None and f.selection is None]
+        if not todo:
+            return
+        with timer.time("select"):
+            try:
+                sels = self._run_select([f.image for f in todo], self.backend)
+            except NotImplementedError:
+                raise
+            except Exception:  # noqa: BLE001 - one bad frame (or OOM) fails the batch: isolate it
+                log.warning("batched selection failed; selecting %d frames one by one", len(todo), exc_info=True)
+                sels = []
+                for f in todo:
+                    try:
+                        sels.append(self._run_select([f.image], self.backend)[0])
+                    except NotImplementedError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - becomes this frame's errors row
+                        sels.append(e)
+        for f, s in zip(todo, sels):
+            if isinstance(s, Exception):
+                f.error = ("select", f"selection failed: {type(s).__name__}: {s}")
+            else:
+                f.selection = s
+
+    def _frame_rows(self, frames: list, out: ShardOutput) -> list:
+        """Errors and images rows of a batch's frames; returns the frames that have patches to embed."""
+        ok = []
+        for f in frames:
+            rec = f.rec
+            if rec.sidecar_error:
+                out.add_error(rec.image_uri, "sidecar", rec.sidecar_error)
+            w, h = f.size
+            kw = dict(shard=out.shard, date=out.date, run_id=out.run_id, width=w, height=h, metadata=rec.metadata)
+            if f.error is not None:
+                stage, reason = f.error
+                out.add_error(rec.image_uri, stage, reason)
+                out.images.append(image_row(rec.image_uri, status="error", reason=reason, **kw))
+                continue
+            boxes = np.asarray(f.selection.boxes).reshape(-1, 4)
+            reason = ""
+            if len(boxes) == 1 and tuple(boxes[0].tolist()) == (0, 0, w, h):
+                reason = "smaller than the smallest patch: one whole-frame patch"
+            out.images.append(image_row(rec.image_uri, num_patches=len(boxes), status="ok", reason=reason, **kw))
+            if len(boxes):
+                ok.append(f)
+        return ok
 
 
 # --------------------------------------------------------------------------- Ray driver
@@ -459,6 +486,7 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
         for k, v in rec.get("stage_s", {}).items():
             summary["stage_s"][k] += v
         summary["forward_s"] = summary.get("forward_s", 0.0) + rec.get("forward_s", 0.0)
+        summary["host_s"] = summary.get("host_s", 0.0) + rec.get("host_s", 0.0)
         if progress:
             el = time.perf_counter() - t0
             print(f"  [{done_count}/{len(todo)}] {rec['shard_key']}: {rec['num_images']} images, {rec['num_patches']} patches, "

@@ -68,6 +68,18 @@ def make_patch_id(image_id: str, box: Sequence[int], level: int) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def make_patch_ids(image_ids: Sequence[str], boxes: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """:func:`make_patch_id` over columns: ``image_ids`` (N,) str, ``boxes`` (N, 4) int pixels,
+    ``levels`` (N,) int -> (N,) int64, element i equal to ``make_patch_id(image_ids[i], boxes[i], levels[i])``."""
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    out = np.empty(len(boxes), dtype=np.int64)
+    b2b = hashlib.blake2b
+    for i, (iid, (x0, y0, x1, y1), lvl) in enumerate(zip(image_ids, boxes.tolist(), np.asarray(levels).tolist())):
+        key = f"{iid}|{x0},{y0},{x1},{y1}|{int(lvl)}".encode()
+        out[i] = int.from_bytes(b2b(key, digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return out
+
+
 def shard_key(shard_uri: str) -> str:
     """Filesystem-safe, stable key of a shard: its base name + 10 hex of blake2b(uri)."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", shard_uri.rstrip("/").rsplit("/", 1)[-1])[:60] or "shard"
@@ -152,16 +164,110 @@ def embeddings_from_arrow(col: pa.ChunkedArray | pa.Array, dtype=np.float32) -> 
     return flat.reshape(-1, d).astype(dtype, copy=False)
 
 
+# --------------------------------------------------------------------------- row builders
+
+@dataclass
+class PatchColumns:
+    """The patches of several frames as columns (what :func:`patch_columns` builds).
+
+    Attributes:
+        image_ids / image_uris: one per frame (F,).
+        frame: (N,) int32, the frame (index into ``image_ids``) of each patch.
+        boxes: (N, 4) int32 x0, y0, x1, y1 original-image pixels, x1/y1 exclusive.
+        levels: (N,) int8 hierarchy level. scores: (N,) float32 selection score.
+        patch_ids: (N,) int64 stable ids (:func:`make_patch_id`).
+    """
+
+    image_ids: list[str]
+    image_uris: list[str]
+    frame: np.ndarray
+    boxes: np.ndarray
+    levels: np.ndarray
+    scores: np.ndarray
+    patch_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.patch_ids)
+
+
+def patch_columns(image_uris: Sequence[str], frame: np.ndarray, boxes: np.ndarray, levels: np.ndarray,
+                  scores: np.ndarray) -> PatchColumns:
+    """Column arrays of N patches of F frames, with their stable ids.
+
+    Args:
+        image_uris: F frame URIs. frame: (N,) int index into ``image_uris`` of each patch.
+        boxes: (N, 4) int x0, y0, x1, y1 pixels. levels: (N,) int. scores: (N,) float.
+    Returns:
+        a :class:`PatchColumns`; ``patch_ids[i] == make_patch_id(make_image_id(image_uris[frame[i]]), boxes[i], levels[i])``.
+    Raises:
+        ValueError: arrays of different lengths, or a frame index outside ``image_uris``.
+    """
+    frame = np.asarray(frame, np.int32).reshape(-1)
+    b = np.asarray(boxes, np.int32).reshape(-1, 4)
+    lv = np.asarray(levels, np.int8).reshape(-1)
+    sc = np.asarray(scores, np.float32).reshape(-1)
+    if not (len(frame) == len(b) == len(lv) == len(sc)):
+        raise ValueError(f"column lengths differ: frame {len(frame)}, boxes {len(b)}, levels {len(lv)}, scores {len(sc)}")
+    if len(frame) and (frame.min() < 0 or frame.max() >= len(image_uris)):
+        raise ValueError(f"frame index outside the {len(image_uris)} image URIs")
+    image_ids = [make_image_id(u) for u in image_uris]
+    ids = make_patch_ids([image_ids[i] for i in frame.tolist()], b, lv)
+    return PatchColumns(image_ids, list(image_uris), frame, b, lv, sc, ids)
+
+
+def patch_block_table(cols: PatchColumns, embeddings: np.ndarray, *, shard: str, date: str, model: str, run_id: str,
+                      dim: int) -> pa.Table:
+    """Arrow patches table (:func:`patch_schema`) of one column block, rows in block order.
+
+    Args:
+        embeddings: (N, dim) float (stored as float16), row i for patch i of ``cols``.
+    Raises:
+        ValueError: ``embeddings`` is not (N, dim).
+    """
+    n = len(cols)
+    emb = np.asarray(embeddings)
+    if emb.shape != (n, dim):
+        raise ValueError(f"{n} patches of dim {dim} but embeddings of shape {emb.shape}")
+    schema = patch_schema(dim)
+    frame = pa.array(cols.frame, pa.int32())
+    const = lambda v: pa.repeat(pa.scalar(v, pa.string()), n)  # noqa: E731
+    arrays = {
+        "patch_id": pa.array(cols.patch_ids, pa.int64()),
+        "image_id": pa.array(cols.image_ids, pa.string()).take(frame),
+        "image_uri": pa.array(cols.image_uris, pa.string()).take(frame),
+        "shard": const(shard), "date": const(date),
+        "x0": pa.array(cols.boxes[:, 0], pa.int32()), "y0": pa.array(cols.boxes[:, 1], pa.int32()),
+        "x1": pa.array(cols.boxes[:, 2], pa.int32()), "y1": pa.array(cols.boxes[:, 3], pa.int32()),
+        "level": pa.array(cols.levels, pa.int8()), "score": pa.array(cols.scores, pa.float32()),
+        "embedding": embeddings_to_arrow(emb.reshape(n, dim)),
+        "model": const(model), "run_id": const(run_id),
+    }
+    return pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
+
+
+def image_row(image_uri: str, *, shard: str, date: str, run_id: str, width: int = 0, height: int = 0,
+              num_patches: int = 0, status: str = "ok", reason: str = "", metadata: dict | None = None) -> dict:
+    """One row of the images table (:data:`IMAGE_SCHEMA`); width/height in pixels of the upright frame
+    (0 when it was never decoded), ``status`` "ok" | "skipped" | "error"."""
+    return dict(image_id=make_image_id(image_uri), image_uri=image_uri, shard=shard, date=date, width=int(width),
+                height=int(height), num_patches=int(num_patches), status=status, reason=reason or "",
+                metadata=json.dumps(metadata or {}, sort_keys=True, default=str), run_id=run_id)
+
+
 # --------------------------------------------------------------------------- shard output
 
 @dataclass
 class ShardOutput:
     """Everything one shard produced, before commit.
 
+    Patches arrive in two forms, both written to the same table: ``patches`` (a list of row
+    dicts, ``embeddings`` the aligned (n_i, dim) blocks; for small producers and tests) and
+    column blocks added with :meth:`add_patch_block` (the mining actor: no dict per patch).
+
     Attributes:
         shard: shard URI; date: ingest date YYYY-MM-DD; run_id: the mining run.
-        patches / images / errors: lists of row dicts (patches rows carry
-        ``embedding`` as a 1-D float array of length ``dim``).
+        patches / images / errors: lists of row dicts.
+        blocks: Arrow tables of the column blocks (:func:`patch_block_table`).
     """
 
     shard: str
@@ -175,14 +281,28 @@ class ShardOutput:
     images: list[dict] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    blocks: list[pa.Table] = field(default_factory=list)
 
     def add_error(self, uri: str, stage: str, reason: str) -> None:
         self.errors.append(dict(uri=uri, shard=self.shard, date=self.date, stage=stage, reason=reason, run_id=self.run_id))
 
+    def add_patch_block(self, cols: PatchColumns, embeddings: np.ndarray) -> None:
+        """Add the patches of ``cols`` with their (N, dim) embeddings (built into Arrow now)."""
+        self.blocks.append(patch_block_table(cols, embeddings, shard=self.shard, date=self.date, model=self.model,
+                                             run_id=self.run_id, dim=self.dim))
+
+    @property
+    def num_patches(self) -> int:
+        return len(self.patches) + sum(t.num_rows for t in self.blocks)
+
     def patch_table(self) -> pa.Table:
+        """All patches, sorted by (image_uri, level, patch_id): a rerun gives an identical table."""
         schema = patch_schema(self.dim)
         if not self.patches:
-            return schema.empty_table()
+            if not self.blocks:
+                return schema.empty_table()
+            t = pa.concat_tables(self.blocks) if len(self.blocks) > 1 else self.blocks[0]
+            return t.sort_by([("image_uri", "ascending"), ("level", "ascending"), ("patch_id", "ascending")])
         cols = {name: [r[name] for r in self.patches] for name in schema.names if name != "embedding"}
         emb = np.concatenate(self.embeddings, axis=0) if self.embeddings else np.zeros((0, self.dim), np.float16)
         if emb.shape[0] != len(self.patches):
@@ -194,6 +314,8 @@ class ShardOutput:
             else:
                 arrays.append(pa.array(cols[f.name], type=f.type))
         t = pa.Table.from_arrays(arrays, schema=schema)
+        if self.blocks:
+            t = pa.concat_tables([t, *self.blocks])
         # deterministic row order: rerun => identical table
         return t.sort_by([("image_uri", "ascending"), ("level", "ascending"), ("patch_id", "ascending")])
 
@@ -277,7 +399,7 @@ def write_shard(root: str, out: ShardOutput, *, commit: bool = True, status: str
         "files": files,
         "bytes": nbytes,
         "num_images": sum(1 for r in out.images if r["status"] != "error"),
-        "num_patches": len(out.patches),
+        "num_patches": out.num_patches,
         "num_errors": len(out.errors),
         "committed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "write_s": round(time.perf_counter() - t0, 4),

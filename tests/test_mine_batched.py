@@ -1,0 +1,165 @@
+"""Issue 13: the split mining actor (frame source -> select -> batcher -> writer) on one shard, no Ray.
+
+Small (340 x 200) copies of GTSDB frames keep these CPU runs short; the tiny random CLIP is seeded.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from mining.pipeline import MineConfig, ShardMiner
+from mining.shards import list_shards, write_tar_shard
+from mining.stages import STAGES
+from mining.store import open_errors, open_images, open_patches
+from tests.conftest import gtsdb_images
+
+TINY = dict(clip_model="tiny-test-random", clip_pretrained=None, clip_random_init=True, date="2026-11-20", run_id="t")
+
+
+def _small_jpegs(n):
+    from PIL import Image
+
+    out = []
+    for p in gtsdb_images(n):
+        buf = io.BytesIO()
+        Image.open(p).resize((340, 200)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    """A 6-frame tar shard; frame 2 (inside the first 4-frame batch) is a truncated JPEG."""
+    imgs = _small_jpegs(5)
+    samples = [(f"f{i}", {"jpg": d}) for i, d in enumerate(imgs[:2])]
+    samples.append(("f2_corrupt", {"jpg": imgs[2][:1500]}))
+    samples += [(f"f{i + 3}", {"jpg": d}) for i, d in enumerate(imgs[2:])]
+    path = write_tar_shard(str(tmp_path_factory.mktemp("in") / "s.tar"), samples)
+    return list_shards(path)[0]
+
+
+@pytest.fixture(scope="module")
+def miner():
+    return ShardMiner(MineConfig(**TINY, frame_batch=4, batch_size=16))
+
+
+def test_corrupt_frame_in_the_middle_of_a_batch(miner, shard, tmp_path):
+    rec = miner.mine_shard(shard, str(tmp_path))
+    errs = open_errors(str(tmp_path)).to_table().to_pylist()
+    assert [(e["uri"].rsplit("#", 1)[1], e["stage"]) for e in errs] == [("f2_corrupt.jpg", "decode")]
+    assert "truncated" in errs[0]["reason"]
+    imgs = {r["image_uri"].rsplit("#", 1)[1]: r for r in open_images(str(tmp_path)).to_table().to_pylist()}
+    assert imgs.pop("f2_corrupt.jpg")["status"] == "error"
+    assert len(imgs) == 5 and all(r["status"] == "ok" and r["num_patches"] > 0 for r in imgs.values())
+    t = open_patches(str(tmp_path)).to_table()
+    assert t.num_rows == rec["num_patches"] == sum(r["num_patches"] for r in imgs.values())
+    assert len(set(t["patch_id"].to_pylist())) == t.num_rows
+    # timings: every stage named, host seconds per frame reported
+    assert set(rec["stage_s"]) == set(STAGES) and rec["stage_s"]["select"] > 0 and rec["stage_s"]["crop"] > 0
+    assert rec["frames"] == 6 and rec["host_s"] >= rec["stage_s"]["read"] and rec["host_ms_per_frame"] > 0
+    assert rec["selection"]["impl"] == "numpy" and rec["frame_batch"] == 4
+
+
+def test_rerun_and_synchronous_writer_give_identical_tables(miner, shard, tmp_path):
+    miner.mine_shard(shard, str(tmp_path / "a"))
+    sync = ShardMiner(MineConfig(**TINY, frame_batch=4, batch_size=16), writer_thread=False)
+    sync.mine_shard(shard, str(tmp_path / "b"))
+    ta, tb = (open_patches(str(tmp_path / k)).to_table().drop_columns(["run_id"]) for k in "ab")
+    assert ta.num_rows > 0 and ta.equals(tb)
+
+
+class _FailsOnTallFrames:
+    """A shared (not weight-free) backend wrapper that fails on one frame size."""
+
+    weight_free = False
+    device_native = False
+
+    def __init__(self, inner, bad_height):
+        self.inner, self.bad_height, self.name = inner, bad_height, "flaky"
+
+    def predict_batch(self, images):
+        if any(im.shape[0] == self.bad_height for im in images):
+            raise RuntimeError("saliency exploded")
+        return self.inner.predict_batch(images)
+
+    def predict_tensors(self, images):
+        if any(int(t.shape[1]) == self.bad_height for t in images):
+            raise RuntimeError("saliency exploded")
+        return self.inner.predict_tensors(images)
+
+    def predict(self, image):
+        return self.predict_batch([image])[0]
+
+
+def test_failed_batch_selection_falls_back_to_frame_by_frame(miner):
+    """The CUDA path's batched selection (run here on CPU tensors): one bad frame -> one select error."""
+    import torch
+
+    from mining.frames import Frame
+    from mining.shards import Record
+    from mining.stages import StageTimer
+
+    rng = np.random.default_rng(0)
+    frames = [Frame(Record(f"/x/{i}.jpg", f"{i}.jpg"), image=torch.from_numpy(
+        rng.integers(0, 256, (h, 340, 3), dtype=np.uint8)).permute(2, 0, 1)) for i, h in enumerate((200, 210, 200))]
+    inner, miner.backend = miner.backend, _FailsOnTallFrames(miner.backend, 210)
+    try:
+        miner._select_batch(frames, StageTimer())
+    finally:
+        miner.backend = inner
+    assert frames[1].error[0] == "select" and "saliency exploded" in frames[1].error[1]
+    assert frames[0].error is None and len(frames[0].selection.boxes) > 0 and frames[2].selection is not None
+
+
+def test_failed_selection_in_the_pool_is_one_errors_row(shard, tmp_path):
+    m = ShardMiner(MineConfig(**TINY, frame_batch=4, batch_size=16))
+    m.backend = _FailsOnTallFrames(m.backend, 200)  # every frame of this shard: all selection errors
+    m.mine_shard(shard, str(tmp_path))
+    errs = open_errors(str(tmp_path)).to_table().to_pylist()
+    assert sorted(e["stage"] for e in errs) == ["decode"] + ["select"] * 5
+    imgs = open_images(str(tmp_path)).to_table().to_pylist()
+    assert all(r["status"] == "error" for r in imgs) and {r["width"] for r in imgs} == {0, 340}
+
+
+def _torch_impl_available() -> str | None:
+    import torch
+
+    from mining.select_device import select_frames
+    from mining.selection import get_preset
+
+    try:
+        select_frames([torch.zeros((3, 64, 96), dtype=torch.uint8)], get_preset("hierarchical-pooled"),
+                      _Null(), impl="torch")
+    except NotImplementedError as e:
+        return f"select_patches_torch is not implemented yet ({e}); un-skip once mining/select_device.py has it"
+    except Exception:  # noqa: BLE001 - implemented; the real run below says how well
+        pass
+    return None
+
+
+class _Null:
+    weight_free, device_native, name = True, False, "null"
+
+    def predict_batch(self, images):
+        return [np.zeros(im.shape[:2], np.float32) for im in images]
+
+    def predict_tensors(self, images):
+        import torch
+
+        return [torch.zeros(tuple(t.shape[1:]), dtype=torch.float32) for t in images]
+
+
+def test_mining_end_to_end_with_the_torch_selector(miner, shard, tmp_path):
+    reason = _torch_impl_available()
+    if reason:
+        pytest.skip(reason)
+    m = ShardMiner(MineConfig(**TINY, frame_batch=4, batch_size=16, select_impl="torch"))
+    rec = m.mine_shard(shard, str(tmp_path / "torch"))
+    assert rec["selection"]["impl"] == "torch" and rec["num_errors"] == 1
+    miner.mine_shard(shard, str(tmp_path / "numpy"))
+    key = ["image_uri", "level", "x0", "y0", "x1", "y1"]
+    tt, tn = (open_patches(str(tmp_path / k)).to_table().select(["patch_id", *key]).sort_by("patch_id")
+              for k in ("torch", "numpy"))
+    assert tt.num_rows > 0 and tt.equals(tn)  # the same boxes, hence the same stable ids
