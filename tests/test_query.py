@@ -383,9 +383,12 @@ def test_export_files_readable(qd, engine, tmp_path):
     im = Image.open(res["contact_sheet"])
     assert im.format == "PNG" and im.width > 160 and im.height > 160
     html = open(res["gallery"]).read()
-    assert html.count("<img") == tab.num_rows and "RANDOMLY" in html
+    assert html.count('class="tile"') == t.num_rows == 8 and "RANDOMLY" in html
     for r in lines:
-        Image.open(tmp_path / "gallery" / f"{r['image_id']}.jpg").verify()
+        Image.open(tmp_path / "gallery" / "frames" / f"{r['image_id']}.jpg").verify()
+        assert r["width"] == 1360 and r["height"] == 800 and r["hit_ids"][0] == f"{r['patch_ids'][0]:016x}"
+        for h in r["hit_ids"]:
+            Image.open(tmp_path / "gallery" / "crops" / f"{h}.jpg").verify()
     assert exported_image_ids(str(tmp_path)) == set(tab.column("image_id").to_pylist())
 
 
