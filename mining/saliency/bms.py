@@ -9,6 +9,11 @@ blurred, is the saliency map.
 
 Fully vectorised per boolean map (OpenCV connected components + numpy), no learned
 weights. Returns (H, W) float32 in [0, 1] like every backend.
+
+Device path (:meth:`BooleanMapSaliency.predict_tensors`, issue 13): the same map as batched
+torch ops, with the 96 connected-component passes per image replaced by six grey
+reconstructions that give every threshold's surrounded regions at once (exact; see
+:mod:`mining.saliency.torch_ops`).
 """
 from __future__ import annotations
 
@@ -68,6 +73,51 @@ def boolean_map_saliency(
     return acc
 
 
+def boolean_map_saliency_torch(lab: "torch.Tensor", step: int = 8, dilate: int = 3, opening: int = 3,
+                               channel_weights=(1.0, 1.0, 1.0)) -> "torch.Tensor":
+    """:func:`boolean_map_saliency` of a batch, as torch ops on the tensors' device.
+
+    Args:
+        lab: (N, 3, h, w) uint8 OpenCV 8-bit Lab images (all the same size).
+        step, dilate, opening, channel_weights: as :func:`boolean_map_saliency`
+            (``dilate`` / ``opening`` odd or <= 1).
+    Returns:
+        (N, h, w) float32 unnormalised maps, equal to the reference up to float rounding of
+        the final sum.
+    Raises:
+        ValueError: even ``dilate`` / ``opening`` sizes (OpenCV anchors them off-centre).
+    """
+    import torch
+
+    from mining.saliency import torch_ops as T
+
+    for k in (dilate, opening):
+        if k > 1 and k % 2 == 0:
+            raise ValueError(f"the device path needs odd morphology sizes, got {k}")
+    n, _, h, w = lab.shape
+    dt = torch.float32
+    low = torch.finfo(dt).min
+    ch = lab.to(dt)                                                   # (N, 3, h, w)
+    lo = ch.amin((2, 3))
+    hi = ch.amax((2, 3))
+    nthr = len(range(step // 2, 255, step))
+    thr = lo[..., None] + step // 2 + step * torch.arange(nthr, device=lab.device, dtype=dt)   # (N, 3, J)
+    valid = (thr < hi[..., None]) & ((hi - lo) >= 2)[..., None]
+    acc = torch.zeros((n, h, w), dtype=dt, device=lab.device)
+    wts = torch.as_tensor(channel_weights, dtype=dt, device=lab.device)
+    # polarity 0: ch > t; polarity 1: ch <= t  <=>  (255 - ch) > 254 - t  (integer levels)
+    for grey, t in ((ch, thr), (255.0 - ch, 254.0 - thr)):
+        o = T.dilate(T.erode(grey, opening), opening, low) if opening > 1 else grey
+        r = T.border_reconstruction(o.reshape(n * 3, h, w)).view(n, 3, h, w)
+        tt = t[..., None, None]                                       # (N, 3, J, 1, 1)
+        sur = (o[:, :, None] > tt) & (r[:, :, None] <= tt)            # (N, 3, J, h, w)
+        a = T.dilate(sur.to(dt), dilate, 0.0) if dilate > 1 else sur.to(dt)
+        norm = a.sum((3, 4)).sqrt()
+        coef = torch.where(valid & (norm > 0), wts[None, :, None] / norm.clamp(min=1e-12), torch.zeros_like(norm))
+        acc += torch.einsum("ncjhw,ncj->nhw", a, coef)
+    return acc
+
+
 @register_backend("boolean-map")
 class BooleanMapSaliency(SaliencyBackend):
     """Boolean Map Saliency (Zhang & Sclaroff 2013) on CIE-Lab, weight-free.
@@ -97,3 +147,45 @@ class BooleanMapSaliency(SaliencyBackend):
         if self.blur_frac > 0:
             m = cv2.GaussianBlur(m, (0, 0), max(self.blur_frac * max(m.shape), 0.5))
         return normalize_map(cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR))
+
+    device_native = True
+    chunk_pixels = 1 << 22
+    """Working-resolution pixels per device batch (x 96 boolean maps in flight)."""
+
+    def predict_tensors(self, images):
+        """Batched device path of :meth:`predict` (same maps up to float rounding).
+
+        Args:
+            images: (3, H_i, W_i) uint8 RGB tensors on one device.
+        Returns:
+            (H_i, W_i) float32 maps in [0, 1] on that device.
+        """
+        import torch
+
+        from mining.saliency import torch_ops as T
+
+        out: list = [None] * len(images)
+        for (h, w), idx in T.group_by_shape(images).items():
+            if min(h, w) < 8:
+                for i in idx:
+                    out[i] = torch.zeros((h, w), dtype=torch.float32, device=images[i].device)
+                continue
+            hs, ws = T.working_size(h, w, min(self.work_size, max(h, w)))
+            sigma = max(self.blur_frac * max(hs, ws), 0.5)
+            if self.blur_frac > 0 and (int(round(sigma * 8 + 1)) | 1) // 2 >= min(hs, ws):
+                host = super().predict_tensors([images[i] for i in idx])  # kernel wider than the map
+                for i, m in zip(idx, host):
+                    out[i] = m
+                continue
+            per = max(1, self.chunk_pixels // (hs * ws))
+            for c in range(0, len(idx), per):
+                part = idx[c:c + per]
+                x = torch.stack([images[i] for i in part])
+                lab = T.rgb_to_lab(T.resize_area(x, (hs, ws), to_u8=True), "u8")
+                m = boolean_map_saliency_torch(lab, self.step)
+                if self.blur_frac > 0:
+                    m = T.gaussian_blur(m, sigma)
+                m = T.normalize_maps(T.resize_linear(m, (h, w)))
+                for j, i in enumerate(part):
+                    out[i] = m[j]
+        return out

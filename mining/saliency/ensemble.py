@@ -46,6 +46,28 @@ class Ensemble(SaliencyBackend):
             acc += w * b.predict(image)
         return normalize_map(acc)
 
+    @property
+    def device_native(self) -> bool:  # type: ignore[override]
+        return all(b.device_native for b, _ in self._members)
+
+    def predict_tensors(self, images):
+        """Weighted mean of the members' device maps, min-max normalised (see :meth:`predict`).
+
+        Args:
+            images: (3, H_i, W_i) uint8 RGB tensors on one device.
+        Returns:
+            (H_i, W_i) float32 maps in [0, 1] on that device.
+        """
+        from mining.saliency import torch_ops as T
+
+        if not len(images):
+            return []
+        acc = None
+        for b, w in self._members:
+            maps = b.predict_tensors(images)
+            acc = [w * m for m in maps] if acc is None else [a + w * m for a, m in zip(acc, maps)]
+        return [T.normalize_maps(a[None])[0] for a in acc]
+
 
 @register_backend("sr-bms")
 class SpectralBooleanEnsemble(Ensemble):

@@ -15,6 +15,10 @@ filters:
   colour; summed and normalised.
 
 Both return (H, W) float32 maps in [0, 1] like every backend (:mod:`mining.saliency.base`).
+
+``spectral-residual-ms`` also has a batched device path (:meth:`predict_tensors`, issue 13):
+the same steps as torch ops (Lab by OpenCV's own table, INTER_AREA as matrix products, FFTs
+in float64 like numpy's), equal to the reference up to float rounding.
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ def spectral_residual_map(channels: np.ndarray, blur_frac: float = 0.03) -> np.n
     """Spectral residual saliency (Hou & Zhang 2007) of a (h, w, C) float image, summed over C.
 
     For each channel: A = log|F|, R = A - box3x3(A), S = |F^-1(exp(R + i*phase))|^2,
-    then a Gaussian blur of sigma ``blur_frac * max(h, w)`` pixels.
+    then a Gaussian blur of sigma ``blur_frac * max(h, w)`` pixels. The DC term F(0, 0) of
+    the mean-free channel is set to 0 (it is rounding noise; see the comment in the code).
 
     Returns:
         (h, w) float32, not normalised.
@@ -51,6 +56,11 @@ def spectral_residual_map(channels: np.ndarray, blur_frac: float = 0.03) -> np.n
         x = x[..., None]
     x = x - x.mean(axis=(0, 1), keepdims=True)
     f = np.fft.fft2(x, axes=(0, 1))
+    # The DC term of a mean-free image is float rounding noise (|F(0, 0)| ~ 1e-3 from a
+    # float32 mean), and its log leaks into the residual of the low frequencies through the
+    # 3x3 box filter: the map then depends on the summation order of the mean. Zero it, so
+    # the map is a function of the image alone (and the device path can match it).
+    f[0, 0] = 0
     amp = np.abs(f)
     log_a = np.log(amp + 1e-8).astype(np.float32)
     resid = log_a - cv2.blur(log_a, (3, 3), borderType=cv2.BORDER_REFLECT)
@@ -92,6 +102,68 @@ class MultiScaleSpectralResidual(SaliencyBackend):
             acc += cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
             used += 1
         return normalize_map(acc / max(used, 1))
+
+    device_native = True
+
+    def predict_tensors(self, images):
+        """Batched device path of :meth:`predict` (same maps up to float rounding).
+
+        Args:
+            images: (3, H_i, W_i) uint8 RGB tensors on one device.
+        Returns:
+            (H_i, W_i) float32 maps in [0, 1] on that device.
+        """
+        import torch
+
+        from mining.saliency import torch_ops as T
+
+        out: list = [None] * len(images)
+        for (h, w), idx in T.group_by_shape(images).items():
+            if min(h, w) < 8:
+                for i in idx:
+                    out[i] = torch.zeros((h, w), dtype=torch.float32, device=images[i].device)
+                continue
+            x = torch.stack([images[i] for i in idx])
+            try:
+                lab = T.rgb_to_lab(x, "f32")
+                acc = None
+                for s in self.scales:
+                    hs, ws = T.working_size(h, w, min(s, max(h, w)))
+                    small = T.resize_area(lab, (hs, ws)) if (hs, ws) != (h, w) else lab
+                    m = T.normalize_maps(spectral_residual_torch(small, self.blur_frac))
+                    m = T.resize_linear(m, (h, w))
+                    acc = m if acc is None else acc + m
+                m = T.normalize_maps(acc / len(self.scales))
+            except ValueError:  # a map too small for its blur kernel: the host path
+                m = torch.stack(super().predict_tensors([images[i] for i in idx]))
+            for j, i in enumerate(idx):
+                out[i] = m[j]
+        return out
+
+
+def spectral_residual_torch(x: "torch.Tensor", blur_frac: float = 0.03) -> "torch.Tensor":
+    """:func:`spectral_residual_map` of a batch: (N, C, h, w) float32 -> (N, h, w) float32.
+
+    FFTs in float64 (numpy's ``fft2`` promotes float32 to complex128), on the tensors' device.
+
+    Raises:
+        ValueError: the Gaussian kernel is wider than the map (see ``torch_ops.gaussian_blur``).
+    """
+    import torch
+
+    from mining.saliency import torch_ops as T
+
+    x = x - x.mean(dim=(2, 3), keepdim=True)
+    f = torch.fft.fft2(x.double())
+    f[..., 0, 0] = 0  # as the reference: the DC term of a mean-free image is rounding noise
+    amp = f.abs()
+    log_a = torch.log(amp + 1e-8).float()
+    resid = log_a - T.box3(log_a)
+    phase = f / (amp + 1e-8)
+    s = torch.fft.ifft2(torch.exp(resid).double() * phase).abs() ** 2
+    s = s.sum(1).float()
+    sigma = max(blur_frac * max(s.shape[-2:]), 0.8)
+    return T.gaussian_blur(s, sigma)
 
 
 @register_backend("colour-contrast")
