@@ -11,10 +11,19 @@ Ray client or from a submitted job (``--address auto``)::
     python -m jobs.query --address ray://<head>:10001 --examples deer/ --mode mean --k 100 \
         --out export/ --exclude-exported
 
+Active learning (campaigns): a seed query with ``--campaign NAME`` exports hits for labeling;
+``python -m jobs.feedback`` records the labels; then ``--campaign NAME`` alone re-queries with what was
+learned (``--method probe|mean|mean_neg|single``, ``mining.campaign``). Frames the campaign already
+labeled are excluded from its queries (``--include-labeled`` keeps them)::
+
+    python -m jobs.query --index idx --text "a road narrows sign" --campaign narrows --k 100 \
+        --out runs/q1 --format labelstudio,coco,cvat,fiftyone --where "camera = 'front'"
+    python -m jobs.query --index idx --campaign narrows --k 100 --out runs/q2 --format labelstudio
+
 Prints the top-k rows (rank, score, image_uri, box); with ``--out`` writes the labeling manifest
-(JSONL + Parquet), ``contact_sheet.png`` and ``gallery.html`` (see ``mining.export``). Hits that
-overlap a better hit from the same frame are dropped (thesis §3.3.1). Exit codes: 0 ok, 2 bad query
-(message on stderr), 3 actor / index not found.
+(JSONL + Parquet), ``contact_sheet.png``, the review page ``gallery.html`` and the ``--format`` exports
+(see ``mining.export``). Hits that overlap a better hit from the same frame are dropped (thesis
+§3.3.1). Exit codes: 0 ok, 2 bad query or settings (message on stderr), 3 actor / index not found.
 """
 from __future__ import annotations
 
@@ -35,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--index", help="index directory: run the query in this process")
     where.add_argument("--address", help="Ray address (ray://host:10001, host:6379 or auto): ask the query actor")
-    what = p.add_mutually_exclusive_group(required=True)
+    what = p.add_mutually_exclusive_group()
     what.add_argument("--text", help="text query")
     what.add_argument("--image", help="query image: a local file (sent as bytes) or a URI under the allowed prefixes")
     what.add_argument("--examples", help="directory of example images (multi-example query); optional boxes.csv "
@@ -47,7 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negatives", help="directory of negative example images (pushed away)")
     p.add_argument("--negative-weight", type=float, default=None)
     p.add_argument("--k", type=int, default=16, help="number of hits (default 16)")
-    p.add_argument("--out", help="export directory: manifest JSONL/Parquet, contact sheet, HTML gallery")
+    p.add_argument("--out", help="export directory: manifest JSONL/Parquet, contact sheet, review page, --format files")
+    p.add_argument("--format", action="append", default=[],
+                   help="exports besides the manifest: coco, labelstudio, cvat, fiftyone (comma-separated or repeated)")
+    p.add_argument("--category", help="label name in the exports (default: the campaign, else the text query)")
+    p.add_argument("--url-prefix", help="Label Studio frame URLs: PREFIX + images/<file> (e.g. /data/local-files/?d=runs/q/), "
+                                        "or s3-presign (presigned URLs of s3:// frames); default: local-files absolute path")
+    p.add_argument("--url-expiry", type=int, default=3600, help="seconds a presigned URL stays valid (default 3600)")
+    p.add_argument("--campaign", help="active-learning campaign: exclude its labeled frames; without a seed query, "
+                                      "rank with its labels (--method)")
+    p.add_argument("--method", default="probe", choices=["probe", "mean", "mean_neg", "single"],
+                   help="campaign scorer: linear probe (default), mean of positives (Eq. 4.1), mean - negatives, single")
+    p.add_argument("--candidates", type=int, default=2000, help="campaign: ANN candidates per search direction")
+    p.add_argument("--include-labeled", action="store_true", help="campaign: do not exclude frames already labeled")
+    p.add_argument("--data", help="store root holding the campaign labels (default: the index manifest's data_root)")
+    p.add_argument("--where", help="SQL condition over the frames' sidecar metadata (DuckDB), "
+                                   "e.g. \"camera = 'front' and hour >= 20\"")
     p.add_argument("--exclude-exported", action="store_true",
                    help="skip images already in a manifest under --out")
     p.add_argument("--date-from", help="keep patches ingested on/after YYYY-MM-DD")
@@ -116,6 +140,8 @@ def _filters(args) -> dict:
         ex += prev
     if ex:
         f["exclude_image_ids"] = ex
+    if args.where is not None:
+        f["where"] = args.where
     return f
 
 
@@ -124,6 +150,11 @@ def _request(args) -> tuple[str, tuple, dict, dict]:
     kw = {"filters": _filters(args) or None, "dedup": not args.no_dedup, "rerank": args.rerank}
     if args.text is not None:
         return "text", (args.text, args.k), kw, {"type": "text", "text": args.text}
+    if args.text is None and args.image is None and args.embedding is None and args.examples is None:
+        kw.pop("rerank")
+        kw.update(method=args.method, candidates=args.candidates)
+        return "campaign", (args.campaign, args.k), kw, {"type": "campaign", "campaign": args.campaign,
+                                                        "method": args.method}
     if args.image is not None:
         if os.path.exists(args.image):
             img = _read_bytes(args.image)
@@ -167,6 +198,30 @@ def _unwrap_query_error(e: BaseException):
     return None
 
 
+def _settings_error(args) -> str | None:
+    if not any(x is not None for x in (args.text, args.image, args.examples, args.embedding)) and not args.campaign:
+        return "give a query (--text, --image, --examples or --embedding) or --campaign NAME"
+    if args.k is not None and args.k < 1:
+        return f"--k must be >= 1, got {args.k}"
+    if args.candidates < 1:
+        return f"--candidates must be >= 1, got {args.candidates}"
+    if args.url_expiry < 1:
+        return f"--url-expiry must be >= 1 second, got {args.url_expiry}"
+    if (args.format or args.url_prefix or args.category) and not args.out:
+        return "--format/--url-prefix/--category need --out (the export directory)"
+    try:
+        from mining.export import check_formats
+
+        check_formats(args.format)
+        if args.campaign:
+            from mining.labels import check_campaign
+
+            check_campaign(args.campaign)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import logging
@@ -175,12 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("default")
     if args.k is None:
         args.k = 16
+    bad = _settings_error(args)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     method, pargs, kw, desc = _request(args)
     try:
         if args.index:
-            table = _run_local(args, method, pargs, kw)
+            table, data_root = _run_local(args, method, pargs, kw)
         else:
-            table = _run_actor(args, method, pargs, kw)
+            table, data_root = _run_actor(args, method, pargs, kw), args.data
     except LookupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -200,15 +259,38 @@ def main(argv: list[str] | None = None) -> int:
     print(f"index version {info['index_version']}, model {info['model']}, {table.num_rows} hits; "
           f"timings (ms) {json.dumps(timings_of(table))}", file=sys.stderr)
     if args.out:
-        from mining.export import export_hits
+        from mining.export import ExportError, export_hits
 
-        res = export_hits(table, args.out, query={**desc, "k": args.k, **({"filters": {
+        q = info["query"] if method == "campaign" else {**desc, "k": args.k, **({"filters": {
             k: (v if k != "exclude_image_ids" else f"{len(v)} ids") for k, v in (kw.get("filters") or {}).items()}}
-            if kw.get("filters") else {})}, index_version=info["index_version"], model=info["model"],
-            random_init=info["random_init"])
+            if kw.get("filters") else {})}
+        try:
+            res = export_hits(table, args.out, query=q, index_version=info["index_version"], model=info["model"],
+                              random_init=info["random_init"], formats=args.format, category=args.category,
+                              url_prefix=args.url_prefix, url_expiry=args.url_expiry, data_root=data_root,
+                              campaign=args.campaign or "")
+        except ExportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"exported {res['hits']} hits in {res['images']} images: {res['manifest_jsonl']}, "
               f"{res['manifest_parquet']}, {res['contact_sheet']}, {res['gallery']}")
+        for name, paths in res["formats"].items():
+            print(f"  {name}: {paths if isinstance(paths, str) else ', '.join(paths.values())}")
+        if res["unreadable"]:
+            print(f"WARNING: {len(res['unreadable'])} frame(s) could not be read (left out of the tool exports): "
+                  f"{res['unreadable'][:3]}", file=sys.stderr)
     return 0
+
+
+def _campaign_exclusion(args, kw, data_root: str | None, labeled_ids) -> None:
+    """Seed queries of a campaign skip the frames it already labeled."""
+    if args.campaign and not args.include_labeled:
+        ids = sorted(labeled_ids())
+        if ids:
+            f = dict(kw.get("filters") or {})
+            f["exclude_image_ids"] = sorted(set(f.get("exclude_image_ids", [])) | set(ids))
+            kw["filters"] = f
+            print(f"campaign {args.campaign}: excluding {len(ids)} labeled frames", file=sys.stderr)
 
 
 def _run_local(args, method, pargs, kw):
@@ -230,8 +312,18 @@ def _run_local(args, method, pargs, kw):
                       **({"dedup_overlap": args.overlap} if args.overlap is not None else {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-init warning is printed once below from the result
-        engine = QueryEngine(args.index, version=args.version, clip=clip, device=args.device, config=cfg)
-    return getattr(engine, method)(*pargs, **kw)
+        engine = QueryEngine(args.index, version=args.version, clip=clip, device=args.device, config=cfg,
+                             load_embedder=method != "campaign")
+    data_root = args.data or engine.snapshot.manifest.get("data_root")
+    if method == "campaign":
+        from mining.campaign import campaign_query
+
+        return campaign_query(engine, *pargs, data_root=data_root, **kw), data_root
+    if args.campaign and data_root:
+        from mining.labels import campaign_state
+
+        _campaign_exclusion(args, kw, data_root, lambda: campaign_state(data_root, args.campaign).image_ids)
+    return getattr(engine, method)(*pargs, **kw), data_root
 
 
 def _run_actor(args, method, pargs, kw):
@@ -260,6 +352,11 @@ def _run_actor(args, method, pargs, kw):
         ray.init(address=args.address, namespace=ns, logging_level="WARNING", log_to_driver=False)
     try:
         actor = get_actor(args.actor_name or ACTOR_NAME, ns)
+        if method == "campaign":
+            kw["data_root"] = args.data
+        elif args.campaign:
+            _campaign_exclusion(args, kw, args.data,
+                                lambda: ray.get(actor.campaign_image_ids.remote(args.campaign, args.data)))
         return ray.get(getattr(actor, method).remote(*pargs, **kw))
     finally:
         ray.shutdown()

@@ -75,7 +75,7 @@ pixels, x1/y1 exclusive), date (ingest date YYYY-MM-DD), level (hierarchy level)
 holds ``query`` (JSON description), ``timings`` (JSON, milliseconds), ``index_version``, ``model``
 and ``random_init``."""
 
-FILTER_NAMES = ("date_from", "date_to", "exclude_image_ids")
+FILTER_NAMES = ("date_from", "date_to", "exclude_image_ids", "where")
 EXACT_KINDS = frozenset({"flat", "hnsw", "ivfpq-refine", "ivf-flat", "ivfflat"})
 """Index kinds whose search scores are already exact cosines (no automatic re-rank)."""
 MODES = ("mean", "max", "sum")
@@ -262,7 +262,8 @@ def validate_filters(filters: Mapping[str, Any] | None) -> dict:
     """Check filter names and values.
 
     Known filters: ``date_from`` / ``date_to`` (inclusive, YYYY-MM-DD, ingest date),
-    ``exclude_image_ids`` (iterable of image id strings).
+    ``exclude_image_ids`` (iterable of image id strings), ``where`` (a SQL condition over the
+    frames' sidecar metadata, run by DuckDB: :mod:`mining.where`).
 
     Raises:
         QueryError: unknown name (the message lists the known ones) or bad value.
@@ -285,6 +286,10 @@ def validate_filters(filters: Mapping[str, Any] | None) -> dict:
         ids = [str(x) for x in ex]
         if ids:
             out["exclude_image_ids"] = ids
+    if filters.get("where") is not None:
+        if not isinstance(filters["where"], str) or not filters["where"].strip():
+            raise QueryError("filter where must be a non-empty SQL condition, e.g. \"camera = 'front'\"")
+        out["where"] = filters["where"].strip()
     return out
 
 
@@ -430,7 +435,24 @@ class IndexSnapshot:
             bad = codes.drop_null().to_numpy().astype(np.int32)
             if len(bad):
                 mask &= ~np.isin(self.image_codes[rows], bad)
+        if "where" in filters:
+            mask &= self.where_mask(filters["where"])[self.image_codes[rows]]
         return mask
+
+    def where_mask(self, where: str) -> np.ndarray:
+        """(n images,) bool over the image dictionary: frames whose metadata satisfy ``where``
+        (:func:`mining.where.image_dict_mask`, cached per expression). Raises QueryError."""
+        from mining.where import WhereError, image_dict_mask
+
+        cache = self.__dict__.setdefault("_where_cache", {})
+        if where not in cache:
+            try:
+                cache[where] = image_dict_mask(self.manifest.get("data_root"), where, self.image_dict)
+            except WhereError as e:
+                raise QueryError(str(e)) from None
+            while len(cache) > 16:
+                cache.pop(next(iter(cache)))
+        return cache[where]
 
 
 # --------------------------------------------------------------------------- engine

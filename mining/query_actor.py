@@ -133,6 +133,21 @@ class QueryActor:
         """Raw-embedding query ((D,) floats). Raises QueryError."""
         return self._call(self.engine.embedding, vector, k, filters=filters, dedup=dedup, rerank=rerank)
 
+    def campaign(self, campaign: str, k: int = 16, method: str = "probe", filters: Mapping | None = None,
+                 dedup: bool = True, candidates: int = 2000, data_root: str | None = None) -> pa.Table:
+        """Relevance-feedback query of a campaign (``mining.campaign.campaign_query``). Raises QueryError."""
+        from mining.campaign import campaign_query
+
+        return self._call(campaign_query, self.engine, campaign, k=k, method=method, filters=filters, dedup=dedup,
+                          candidates=candidates, data_root=data_root)
+
+    def campaign_image_ids(self, campaign: str, data_root: str | None = None) -> list[str]:
+        """Frames a campaign has labeled (excluded from its seed queries)."""
+        from mining.labels import campaign_state
+
+        root = data_root or self.engine.snapshot.manifest.get("data_root")
+        return sorted(campaign_state(root, campaign).image_ids) if root else []
+
     # ------------------------------------------------------------------ admin
     def reload(self, version: str | None = None) -> dict:
         """Swap to the newest (or given) index version atomically; in-flight queries finish on the
