@@ -31,8 +31,10 @@ OpenCV counterpart, not just its idea. Design decisions and their reasons:
   path's minimum exceeds t: ``R > t`` with ``R`` the grey *reconstruction* of ``O`` from its
   border (max over 4-paths from the border of the min of ``O`` along the path;
   :func:`border_reconstruction`). So six grey reconstructions per image (3 channels x 2
-  polarities) replace 96 connected-component passes, exactly. The reconstruction is
-  iterated 4-neighbour max then min with ``O`` until stable, on the whole batch at once.
+  polarities) replace 96 connected-component passes, exactly. The reconstruction runs in
+  uint8 as rounds of four directional sweeps, each a log2(n)-step parallel prefix scan,
+  on the whole batch at once (measured on a GTSDB frame: 3 rounds, against 213 iterations
+  of plain 4-neighbour dilation).
   A binary flood fill (:func:`border_reach`) is kept as the test oracle's second opinion.
 """
 from __future__ import annotations
@@ -186,28 +188,56 @@ def normalize_maps(x: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, (x - lo) / torch.where(ok, rng, torch.ones_like(rng)), torch.zeros_like(x))
 
 
-def border_reconstruction(o: torch.Tensor, check_every: int = 8, max_iters: int = 100_000) -> torch.Tensor:
+def _sweep(a: torch.Tensor, b: torch.Tensor, dim: int, reverse: bool) -> torch.Tensor:
+    """One directional geodesic sweep along ``dim`` as a parallel prefix scan.
+
+    The sequential sweep ``R[x] = max(R[x], min(O[x], R[x-1]))`` composes the maps
+    ``f_x(r) = max(a_x, min(b_x, r))``; such maps are closed under composition
+    (``f2 o f1 = (max(a2, min(b2, a1)), min(b2, b1))``), so log2(n) doubling steps
+    (Hillis-Steele) give every prefix at once. Returns the swept ``a``.
+    """
+    if reverse:
+        a, b = a.flip(dim), b.flip(dim)
+    n = a.shape[dim]
+    d = 1
+    while d < n:
+        a_hi, a_lo = a.narrow(dim, d, n - d), a.narrow(dim, 0, n - d)
+        b_hi, b_lo = b.narrow(dim, d, n - d), b.narrow(dim, 0, n - d)
+        a = torch.cat([a.narrow(dim, 0, d), torch.maximum(a_hi, torch.minimum(b_hi, a_lo))], dim)
+        if 2 * d < n:
+            b = torch.cat([b.narrow(dim, 0, d), torch.minimum(b_hi, b_lo)], dim)
+        d *= 2
+    return a.flip(dim) if reverse else a
+
+
+def border_reconstruction(o: torch.Tensor, max_rounds: int = 10_000) -> torch.Tensor:
     """Grey reconstruction of (M, H, W) images from their border, 4-connectivity.
 
     ``R(p) = max over 4-connected paths from a border pixel to p of min(o along the path)``;
     so ``R > t`` is exactly the part of ``o > t`` 4-connected to the border (Vincent 1993,
-    "Morphological grayscale reconstruction", by iterating geodesic dilations).
+    "Morphological grayscale reconstruction in image analysis"). Computed by rounds of four
+    directional sweeps (right, left, down, up), each a log2-step parallel scan
+    (:func:`_sweep`), until a round changes nothing: a round follows any path with one
+    turn per direction, so natural images need a handful of rounds instead of one 4-neighbour
+    dilation per pixel of path length.
 
     Args:
-        o: (M, H, W) floating tensor (integer-valued grey levels in BMS).
-        check_every: iterations between convergence tests (one host sync each).
+        o: (M, H, W) uint8 or floating tensor of grey levels (uint8: 0 is the "unreached"
+            level, which is exact for the thresholds t >= 0 that BMS uses).
     Returns:
         (M, H, W) tensor of o's dtype, ``R <= o``.
     """
-    low = torch.finfo(o.dtype).min
+    low = torch.finfo(o.dtype).min if o.dtype.is_floating_point else 0
     r = torch.full_like(o, low)
     r[:, 0, :] = o[:, 0, :]
     r[:, -1, :] = o[:, -1, :]
     r[:, :, 0] = o[:, :, 0]
     r[:, :, -1] = o[:, :, -1]
-    for i in range(max_iters):
-        n = torch.minimum(torch.maximum(shift_max(r, -1, low), shift_max(r, -2, low)), o)
-        if (i + 1) % check_every == 0 and torch.equal(n, r):
+    for _ in range(max_rounds):
+        n = r
+        for dim, rev in ((2, False), (2, True), (1, False), (1, True)):
+            n = _sweep(n, o, dim, rev)
+        if torch.equal(n, r):
             return n
         r = n
     return r
@@ -243,9 +273,11 @@ def dilate(x: torch.Tensor, size: int, pad_value: float) -> torch.Tensor:
 
 
 def erode(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Flat ``size`` x ``size`` erosion (min filter) of (..., H, W) floats, border ignored."""
+    """Flat ``size`` x ``size`` erosion (min filter) of (..., H, W) floats or uint8, border ignored."""
     if size <= 1:
         return x
+    if x.dtype == torch.uint8:
+        return 255 - dilate(255 - x, size, 0)
     return -dilate(-x, size, torch.finfo(x.dtype).min)
 
 
