@@ -44,6 +44,15 @@ _END = object()
 
 # --------------------------------------------------------------------------- crops
 
+def _index(a: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """int64 index tensor on ``dev``; on CUDA through pinned memory with a non-blocking copy
+    (a plain copy from pageable memory would synchronise the stream, i.e. wait for CLIP)."""
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t if dev.type == "cpu" else t.to(dev)
+
+
 def crop_boxes(frames: Sequence[torch.Tensor], boxes: Sequence[np.ndarray], size: int,
                device: torch.device | str | None = None) -> torch.Tensor:
     """Cut every box of every frame from the full-resolution frames and resize it to (size, size).
@@ -93,14 +102,14 @@ def crop_boxes(frames: Sequence[torch.Tensor], boxes: Sequence[np.ndarray], size
             hwc = [frames[f].to(dev, non_blocking=True).permute(1, 2, 0) for f in shapes[(fh, fw)]]
             st = stacks[(fh, fw)] = hwc[0].unsqueeze(0) if len(hwc) == 1 else torch.stack(hwc)
         r = np.asarray(rows)
-        fl = torch.as_tensor(local[fidx[r]], device=dev).view(-1, 1, 1)
-        ys = (torch.as_tensor(b[r, 1], device=dev).view(-1, 1) + torch.arange(bh, device=dev)).unsqueeze(2)
-        xs = (torch.as_tensor(b[r, 0], device=dev).view(-1, 1) + torch.arange(bw, device=dev)).unsqueeze(1)
+        fl = _index(local[fidx[r]], dev).view(-1, 1, 1)
+        ys = (_index(b[r, 1], dev).view(-1, 1) + torch.arange(bh, device=dev)).unsqueeze(2)
+        xs = (_index(b[r, 0], dev).view(-1, 1) + torch.arange(bw, device=dev)).unsqueeze(1)
         g = st[fl, ys, xs]  # (n, bh, bw, 3) uint8: one gather for the whole group
         x = g.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
         if (bh, bw) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        out[torch.as_tensor(r, device=dev)] = x.clamp_(0, 255)
+        out[_index(r, dev)] = x.clamp_(0, 255)
     return out
 
 

@@ -82,7 +82,8 @@ class FrameBatch:
     ready: object | None = None
 
     def wait(self) -> None:
-        """Make the current CUDA stream wait for the decode of this batch (no host sync)."""
+        """Make the current CUDA stream wait for the decode of this batch (no host sync) and mark
+        the frames as used there; call it once on every stream that reads the frames."""
         if self.ready is None:
             return
         imgs = [f.image for f in self.frames if f.image is not None and f.image.is_cuda]

@@ -33,21 +33,23 @@ Why the stages are split this way (issue 13; target >= 10,000 patches/s per H200
   groups the crops; the parallelism comes from the pool.
 * CPU actors use all their cores: decode and selection run per frame in a pool of
   ``decode_threads`` threads (default: the actor's CPUs; Pillow, OpenCV and numpy release
-  the GIL), torch's intra-op threads are set to the same count for CLIP. Weight-free
-  saliency backends get one instance per thread (an OpenCV saliency object is not
-  documented as thread-safe); learned ones (torch modules in eval mode) are shared.
+  the GIL), torch's intra-op threads are set to the same count for CLIP; weight-free
+  saliency backends get one instance per thread (mining/select_stage.py).
+* Selection runs on its own CUDA stream: ``select_frames`` returns host arrays, so it syncs
+  once per batch; on the CLIP stream that sync would also wait for the previous batch's
+  forward. On a second stream it waits for its own kernels only, and CLIP of batch k
+  overlaps selection of batch k+1. Host->device index copies go through pinned memory
+  for the same reason (:func:`mining.batcher.crop_boxes`).
 * A batch whose selection fails is selected again frame by frame, so one bad frame costs
-  one errors row, as before the batching. ``select_impl=None`` picks the device's default
-  (:func:`mining.select_device.default_impl`); if that implementation is not available
-  (NotImplementedError), the actor logs it and uses ``numpy``; an explicitly requested
-  one fails the shard instead.
+  one errors row, as before the batching (:class:`mining.select_stage.FrameSelector`).
+  ``select_impl=None`` picks the device's default; if that one is not available
+  (NotImplementedError), the actor uses ``numpy``; an explicitly requested one fails the shard.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import logging
 import os
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -173,7 +175,8 @@ class ShardMiner:
 
         from mining import selection
         from mining.embed import ClipEmbedder, ClipSpec
-        from mining.select_device import IMPLS, default_impl
+        from mining.select_device import IMPLS
+        from mining.select_stage import FrameSelector
 
         self.cfg = cfg = cfg.resolved()  # idempotent: keeps a given date / run_id
         if self.cfg.select_impl is not None and self.cfg.select_impl not in IMPLS:
@@ -181,18 +184,17 @@ class ShardMiner:
         self.embedder = ClipEmbedder(ClipSpec(cfg.clip_model, cfg.clip_pretrained, cfg.clip_random_init), device=cfg.device)
         self.device = self.embedder.device
         self.on_cuda = self.device.type == "cuda"
-        self.backend = make_backend(self.cfg)
-        self.sel_config = selection.get_preset(self.cfg.preset, **self.cfg.selection_overrides)
+        self.selector = FrameSelector(selection.get_preset(self.cfg.preset, **self.cfg.selection_overrides),
+                                      make_backend(self.cfg), impl=self.cfg.select_impl, device=self.device,
+                                      backend_factory=lambda: make_backend(self.cfg))
         self.batch_size = cfg.batch_size or self.embedder.default_batch_size()
-        self.select_impl = self.cfg.select_impl or default_impl(self.device)
-        self._impl_auto = self.cfg.select_impl is None
         self.cpus = actor_cpus()
         self.decode_threads = max(1, self.cfg.decode_threads or self.cpus)
         self.frame_batch = max(1, self.cfg.frame_batch or DEFAULT_FRAME_BATCH["cuda" if self.on_cuda else "cpu"])
         if not self.on_cuda:
             torch.set_num_threads(self.cpus)
         self.writer_thread = writer_thread
-        self._local = threading.local()
+        self._sel_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self.embedder.pop_forward_seconds()
 
     def info(self) -> dict:
@@ -200,7 +202,7 @@ class ShardMiner:
         import socket
 
         return {"device": str(self.device), "model": self.embedder.model_id, "dim": self.embedder.dim,
-                "batch_size": self.batch_size, "frame_batch": self.frame_batch, "select_impl": self.select_impl,
+                "batch_size": self.batch_size, "frame_batch": self.frame_batch, "select_impl": self.selector.impl,
                 "cpus": self.cpus, "decode_threads": self.decode_threads, "host": socket.gethostname(),
                 "pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
@@ -217,6 +219,8 @@ class ShardMiner:
             whatever aborts the whole shard (I/O after retries, OOM, an unavailable explicit
             ``select_impl``); per-frame problems become errors rows instead.
         """
+        import torch
+
         from mining.batcher import PatchBatcher, PatchWriter
         from mining.frames import FrameSource
 
@@ -229,14 +233,16 @@ class ShardMiner:
         batcher = PatchBatcher(self.embedder, self.batch_size, writer, timer)
         source = FrameSource(ref, self.device, frame_batch=self.frame_batch, prefetch=cfg.prefetch,
                              threads=self.decode_threads, max_pixels=cfg.max_pixels, timer=timer,
-                             select_one=None if self.on_cuda else self._select_one)
+                             select_one=None if self.on_cuda else self.selector.select_one)
         n_frames = 0
         try:
             with source:
                 for batch in source:                         # read + decode (+ select on CPU)
+                    if self.on_cuda:                         # select, on its own stream
+                        with torch.cuda.stream(self._sel_stream):
+                            batch.wait()
+                            self.selector.select_batch(batch.frames, timer)
                     batch.wait()
-                    if self.on_cuda:
-                        self._select_batch(batch.frames, timer)  # select
                     ok = self._frame_rows(batch.frames, out)
                     batcher.add([f.image for f in ok], [f.rec.image_uri for f in ok],
                                 [f.selection for f in ok])   # crop (+ embed full CLIP batches)
@@ -253,7 +259,7 @@ class ShardMiner:
         import resource
 
         out.extra = {"selection": {"selector": cfg.selector, "preset": cfg.preset, "saliency": cfg.saliency,
-                                   "overrides": cfg.selection_overrides, "impl": self.select_impl},
+                                   "overrides": cfg.selection_overrides, "impl": self.selector.impl},
                      "frame_batch": self.frame_batch, "decode_threads": self.decode_threads,
                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                      "forward_s": round(self.embedder.pop_forward_seconds(), 4),  # model forward inside "embed"
@@ -269,60 +275,6 @@ class ShardMiner:
 
             commit_record(root, record)
         return record
-
-    # ------------------------------------------------------------------ selection
-    def _run_select(self, images: list, backend) -> list:
-        """``select_frames`` with this actor's impl; an unavailable default impl falls back to numpy."""
-        from mining.select_device import select_frames
-
-        impl = self.select_impl
-        try:
-            return select_frames(images, self.sel_config, backend, impl=impl)
-        except NotImplementedError as e:
-            if not self._impl_auto or impl == "numpy":
-                raise
-            log.warning("selection impl %r unavailable (%s); this actor uses 'numpy'", impl, e)
-            self.select_impl = "numpy"
-            return select_frames(images, self.sel_config, backend, impl="numpy")
-
-    def _thread_backend(self):
-        """The saliency backend for the calling thread (one per thread if weight-free, else shared)."""
-        if not getattr(self.backend, "weight_free", False):
-            return self.backend
-        b = getattr(self._local, "backend", None)
-        if b is None:
-            b = self._local.backend = make_backend(self.cfg)
-        return b
-
-    def _select_one(self, image):
-        """CPU path, in a pool thread: (3, H, W) uint8 host tensor -> Selection."""
-        return self._run_select([image], self._thread_backend())[0]
-
-    def _select_batch(self, frames: list, timer: StageTimer) -> None:
-        """CUDA path: select all decoded frames of a batch in one call; on failure, frame by frame."""
-        todo = [f for f in frames if f.error is None and f.selection is None]
-        if not todo:
-            return
-        with timer.time("select"):
-            try:
-                sels = self._run_select([f.image for f in todo], self.backend)
-            except NotImplementedError:
-                raise
-            except Exception:  # noqa: BLE001 - one bad frame (or OOM) fails the batch: isolate it
-                log.warning("batched selection failed; selecting %d frames one by one", len(todo), exc_info=True)
-                sels = []
-                for f in todo:
-                    try:
-                        sels.append(self._run_select([f.image], self.backend)[0])
-                    except NotImplementedError:
-                        raise
-                    except Exception as e:  # noqa: BLE001 - becomes this frame's errors row
-                        sels.append(e)
-        for f, s in zip(todo, sels):
-            if isinstance(s, Exception):
-                f.error = ("select", f"selection failed: {type(s).__name__}: {s}")
-            else:
-                f.selection = s
 
     def _frame_rows(self, frames: list, out: ShardOutput) -> list:
         """Errors and images rows of a batch's frames; returns the frames that have patches to embed."""

@@ -104,18 +104,19 @@ def test_failed_batch_selection_falls_back_to_frame_by_frame(miner):
     rng = np.random.default_rng(0)
     frames = [Frame(Record(f"/x/{i}.jpg", f"{i}.jpg"), image=torch.from_numpy(
         rng.integers(0, 256, (h, 340, 3), dtype=np.uint8)).permute(2, 0, 1)) for i, h in enumerate((200, 210, 200))]
-    inner, miner.backend = miner.backend, _FailsOnTallFrames(miner.backend, 210)
+    sel = miner.selector
+    inner, sel.backend = sel.backend, _FailsOnTallFrames(sel.backend, 210)
     try:
-        miner._select_batch(frames, StageTimer())
+        sel.select_batch(frames, StageTimer())
     finally:
-        miner.backend = inner
+        sel.backend = inner
     assert frames[1].error[0] == "select" and "saliency exploded" in frames[1].error[1]
     assert frames[0].error is None and len(frames[0].selection.boxes) > 0 and frames[2].selection is not None
 
 
 def test_failed_selection_in_the_pool_is_one_errors_row(shard, tmp_path):
     m = ShardMiner(MineConfig(**TINY, frame_batch=4, batch_size=16))
-    m.backend = _FailsOnTallFrames(m.backend, 200)  # every frame of this shard: all selection errors
+    m.selector.backend = _FailsOnTallFrames(m.selector.backend, 200)  # every frame of this shard fails selection
     m.mine_shard(shard, str(tmp_path))
     errs = open_errors(str(tmp_path)).to_table().to_pylist()
     assert sorted(e["stage"] for e in errs) == ["decode"] + ["select"] * 5
