@@ -30,7 +30,7 @@ DEFAULT_BACKGROUND = 2000
 DEFAULT_C = 10.0
 
 
-def campaign_query(engine, campaign: str, *, k: int = 16, method: str = "probe", data_root: str | None = None,
+def campaign_query(engine, campaign: str, k: int = 16, *, method: str = "probe", data_root: str | None = None,
                    filters=None, dedup: bool = True, candidates: int = DEFAULT_CANDIDATES,
                    background: int = DEFAULT_BACKGROUND, C: float = DEFAULT_C, seed: int = 0):
     """Relevance-feedback query of a campaign (see module docstring).

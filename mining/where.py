@@ -6,10 +6,10 @@ The columns a ``where`` expression can use are the store's ``images`` table colu
 (0-23, UTC) derived from ``timestamp`` (ISO-8601 text or epoch seconds) when the sidecar has no ``hour``.
 Example: ``camera = 'front' and hour >= 20``.
 
-The expression is never parsed by hand: DuckDB parses and runs
-``SELECT image_id FROM frames WHERE (<expression>)`` over an Arrow table of those columns (the
-``images`` scan reads only those columns), on a connection with external access disabled (no file or
-network access from inside the expression), and exactly one SELECT statement is accepted.
+The expression is never parsed by hand: DuckDB's relational API parses it as one expression
+(``con.from_arrow(frames).filter(where)``: no second statement, no UNION can be smuggled in) and runs it
+over an Arrow table of those columns (the ``images`` scan reads only those columns), on a connection
+with external access disabled (no file or network access from inside the expression).
 The result is the set of matching image ids; the query engine keeps the hits of those frames.
 """
 from __future__ import annotations
@@ -31,6 +31,8 @@ def _hour(ts) -> int | None:
     import datetime as dt
 
     try:
+        if isinstance(ts, dt.datetime):  # pyarrow's JSON reader infers ISO-8601 text as timestamps (UTC)
+            return (ts.astimezone(dt.timezone.utc) if ts.tzinfo else ts).hour
         if isinstance(ts, (int, float)) and not isinstance(ts, bool):
             return dt.datetime.fromtimestamp(float(ts), dt.timezone.utc).hour
         if isinstance(ts, str) and ts:
@@ -83,17 +85,11 @@ def matching_image_ids(frames: pa.Table, where: str) -> list[str]:
 
     if not isinstance(where, str) or not where.strip():
         raise WhereError("--where is empty: give a SQL condition, e.g. \"camera = 'front' and hour >= 20\"")
-    sql = f"SELECT image_id FROM frames WHERE ({where})"
-    try:
-        stmts = duckdb.extract_statements(sql)
-    except duckdb.Error as e:
-        raise WhereError(f"bad --where {where!r}: {str(e).splitlines()[0]}") from None
-    if len(stmts) != 1 or stmts[0].type != duckdb.StatementType.SELECT:
-        raise WhereError(f"bad --where {where!r}: one condition only (no ';', no other statements)")
     con = duckdb.connect(config={"enable_external_access": False})
     try:
-        con.register("frames", frames)
-        rows = con.execute(sql).fetchall()
+        # the relational API parses ``where`` as ONE expression: "1=1) UNION SELECT ..." or "...; DROP"
+        # are parse errors, not extra statements
+        rows = con.from_arrow(frames).filter(where).project("image_id").fetchall()
     except duckdb.Error as e:
         msg = str(e).splitlines()[0]
         raise WhereError(f"bad --where {where!r}: {msg} (columns: {', '.join(frames.column_names)})") from None
