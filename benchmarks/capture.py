@@ -34,6 +34,7 @@ from mining.metrics import captured  # noqa: E402
 from mining.selection import DEFAULT_PRESET, DEFAULT_SALIENCY, PRESETS, get_preset, select_patches_batch  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gtsdb"
+RUN_DEVICE = "cpu"  # --device: where select_frames' frames live (set in main)
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- capture:begin -->", "<!-- capture:end -->"
 
@@ -118,19 +119,38 @@ def make_backend(selector: str, saliency: str | None, checkpoint: str | None = N
                          f"(pass --ranker-checkpoint PATH, or --ranker-random-init for a smoke run)") from None
 
 
-def run(items, config, backend, batch: int = 8) -> dict:
-    """Run selection on all items; return the metrics dict."""
+def run(items, config, backend, batch: int = 8, impl: str | None = None, keep_selections: bool = False) -> dict:
+    """Run selection on all items; return the metrics dict.
+
+    ``impl``: None runs :func:`mining.selection.select_patches_batch` (numpy, the reference);
+    ``"torch"`` / ``"numpy"`` run :func:`mining.select_device.select_frames` with that
+    implementation on (3, H, W) uint8 tensors on ``--device``. ``keep_selections`` adds the
+    per-image boxes under ``"_boxes"`` (for parity checks).
+    """
     n_obj = 0
     hits = defaultdict(list)
     n_patches = 0
     elapsed = 0.0
     per_object_image = []
+    all_boxes: list = []
     for s in range(0, len(items), batch):
         chunk = items[s : s + batch]
         images = [read_rgb(p) for p, _, _ in chunk]
         t0 = time.perf_counter()
-        sels = select_patches_batch(images, config, backend)
+        if impl is None:
+            sels = select_patches_batch(images, config, backend)
+        else:
+            import torch
+
+            from mining.select_device import select_frames
+
+            frames = [torch.from_numpy(im).permute(2, 0, 1).to(RUN_DEVICE) for im in images]
+            sels = select_frames(frames, config, backend, impl=impl)
+            if RUN_DEVICE.startswith("cuda"):
+                torch.cuda.synchronize()
         elapsed += time.perf_counter() - t0
+        if keep_selections:
+            all_boxes.extend(np.asarray(sel.boxes).copy() for sel in sels)
         for j, ((p, boxes, cls), sel) in enumerate(zip(chunk, sels)):
             n_patches += len(sel.boxes)
             if len(boxes) == 0:
@@ -155,6 +175,7 @@ def run(items, config, backend, batch: int = 8) -> dict:
         "ms_per_image": 1000.0 * elapsed / max(len(items), 1),
         "_hits": np.array(hits["all"], bool),
         "_image_of_object": np.array(per_object_image, np.int64),
+        "_boxes": all_boxes,
     }
 
 
@@ -287,7 +308,13 @@ def main(argv=None) -> int:
                     help="with --all: also report images [0, split) (used while designing the improved "
                          "presets) and [split, end) (held out); 0 = off")
     ap.add_argument("--no-write", action="store_true", help="with --all: do not write RESULTS.md")
+    ap.add_argument("--backend-impl", choices=["torch", "numpy"], default=None,
+                    help="run the selector through mining.select_device.select_frames with this implementation "
+                         "(default: the numpy reference select_patches_batch)")
+    ap.add_argument("--device", default="cpu", help="device of the frames with --backend-impl (cpu | cuda)")
     args = ap.parse_args(argv)
+    global RUN_DEVICE
+    RUN_DEVICE = args.device
 
     if not (args.data / "annotations.csv").exists() or not (args.data / "images").is_dir():
         print(f"SKIP: no dataset at {args.data} (needs images/ and annotations.csv; ../shared absent?)")
@@ -313,9 +340,10 @@ def main(argv=None) -> int:
     backend = make_backend(args.selector, args.saliency, args.ranker_checkpoint, args.ranker_random_init)
     sal_name = getattr(backend, "name", args.saliency)
     items = load_dataset(args.data, args.limit, args.start)
-    res = run(items, cfg, backend, batch=args.batch)
+    res = run(items, cfg, backend, batch=args.batch, impl=args.backend_impl)
     print_table(res, f"variant {variant}  selector {args.selector}  saliency {sal_name}")
     out = {"variant": variant, "selector": args.selector, "saliency": sal_name,
+           "backend_impl": args.backend_impl or "numpy-reference", "device": args.device,
            **{k: res[k] for k in ("images", "objects", "capture", "patches_per_image", "ms_per_image")},
            "capture_by_category": res["capture_by_category"]}
     print(json.dumps(out))

@@ -6,6 +6,8 @@ Runs on CPU here; the same code runs on CUDA.
 """
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -17,6 +19,9 @@ from mining.saliency.bms import _surrounded
 from mining.saliency.spectral import spectral_residual_map
 
 from conftest import gtsdb_images
+
+# CPU here and in CI; benchmarks/gpu_check.sh runs the same tests with MINING_TEST_DEVICE=cuda
+DEV = torch.device(os.environ.get("MINING_TEST_DEVICE", "cpu"))
 
 
 def _scene(h=120, w=200, seed=0) -> np.ndarray:
@@ -35,16 +40,16 @@ def _scene(h=120, w=200, seed=0) -> np.ndarray:
 
 
 def _t(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous().to(DEV)
 
 
 def test_lab_tables_equal_opencv_on_random_colours():
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
     x = _t(img)[None]
-    assert (T.rgb_to_lab(x, "u8")[0].permute(1, 2, 0).numpy() == cv2.cvtColor(img, cv2.COLOR_RGB2Lab)).all()
+    assert (T.rgb_to_lab(x, "u8")[0].permute(1, 2, 0).cpu().numpy() == cv2.cvtColor(img, cv2.COLOR_RGB2Lab)).all()
     ref = cv2.cvtColor(img.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
-    assert np.array_equal(T.rgb_to_lab(x, "f32")[0].permute(1, 2, 0).numpy(), ref)
+    assert np.array_equal(T.rgb_to_lab(x, "f32")[0].permute(1, 2, 0).cpu().numpy(), ref)
 
 
 @pytest.mark.parametrize("src,dst", [((800, 1360), (151, 256)), ((475, 475), (256, 256)), ((512, 512), (256, 256)),
@@ -52,40 +57,40 @@ def test_lab_tables_equal_opencv_on_random_colours():
 def test_area_resize_equals_opencv(src, dst):
     img = _scene(*src, seed=2)
     x = _t(img)[None]
-    out = T.resize_area(x, dst, to_u8=True)[0].permute(1, 2, 0).numpy()
+    out = T.resize_area(x, dst, to_u8=True)[0].permute(1, 2, 0).cpu().numpy()
     ref = cv2.resize(img, dst[::-1], interpolation=cv2.INTER_AREA)
     assert out.shape == ref.shape
     assert (out != ref).mean() < 1e-3 and np.abs(out.astype(int) - ref).max() <= 1
     f = img.astype(np.float32) / 3.0
-    outf = T.resize_area(_t(f)[None], dst)[0].permute(1, 2, 0).numpy()
+    outf = T.resize_area(_t(f)[None], dst)[0].permute(1, 2, 0).cpu().numpy()
     assert np.abs(outf - cv2.resize(f, dst[::-1], interpolation=cv2.INTER_AREA)).max() < 1e-4
 
 
 def test_filters_equal_opencv():
     rng = np.random.default_rng(3)
     m = rng.random((2, 40, 64)).astype(np.float32)
-    x = torch.from_numpy(m)
+    x = torch.from_numpy(m).to(DEV)
     for sigma in (0.8, 1.92, 5.12):
         ref = np.stack([cv2.GaussianBlur(a, (0, 0), sigma) for a in m])
-        assert np.abs(T.gaussian_blur(x, sigma).numpy() - ref).max() < 1e-5
+        assert np.abs(T.gaussian_blur(x, sigma).cpu().numpy() - ref).max() < 1e-5
     ref = np.stack([cv2.blur(a, (3, 3), borderType=cv2.BORDER_REFLECT) for a in m])
-    assert np.abs(T.box3(x).numpy() - ref).max() < 1e-5
+    assert np.abs(T.box3(x).cpu().numpy() - ref).max() < 1e-5
     ref = np.stack([cv2.resize(a, (200, 120), interpolation=cv2.INTER_LINEAR) for a in m])
-    assert np.abs(T.resize_linear(x, (120, 200)).numpy() - ref).max() < 1e-5
+    assert np.abs(T.resize_linear(x, (120, 200)).cpu().numpy() - ref).max() < 1e-5
     k = cv2.getStructuringElement(cv2.MORPH_RECT, (3, 3))
     g = (m[0] * 255).round()
-    assert np.array_equal(T.dilate(T.erode(x[:1] * 0 + torch.from_numpy(g), 3), 3, -3e38)[0].numpy(),
+    assert np.array_equal(T.dilate(T.erode(x[:1] * 0 + torch.from_numpy(g).to(DEV), 3), 3, -3e38)[0].cpu().numpy(),
                           cv2.morphologyEx(g, cv2.MORPH_OPEN, k))
     with pytest.raises(ValueError):
-        T.gaussian_blur(torch.zeros(1, 5, 5), 2.0)
+        T.gaussian_blur(torch.zeros(1, 5, 5, device=DEV), 2.0)
 
 
 def test_grey_reconstruction_gives_every_thresholds_surrounded_regions():
     """R > t is the border-connected part of O > t, for every t (vs cv2.connectedComponents)."""
     img = cv2.cvtColor(_scene(90, 150, seed=4), cv2.COLOR_RGB2Lab)
     ch = img[..., 1].astype(np.float32)
-    o = torch.from_numpy(ch)[None]
-    r = T.border_reconstruction(o)[0].numpy()
+    o = torch.from_numpy(ch)[None].to(DEV)
+    r = T.border_reconstruction(o)[0].cpu().numpy()
     n_sur = 0
     for t in range(int(ch.min()), int(ch.max())):
         mask = (ch > t).astype(np.uint8)
@@ -95,7 +100,7 @@ def test_grey_reconstruction_gives_every_thresholds_surrounded_regions():
         if t % 16:
             continue
         # the binary flood fill agrees too
-        reach = T.border_reach(torch.from_numpy(mask.astype(bool))[None])[0].numpy()
+        reach = T.border_reach(torch.from_numpy(mask.astype(bool))[None].to(DEV))[0].cpu().numpy()
         assert np.array_equal(mask.astype(bool) & ~reach, ref)
     assert n_sur > 0  # the rings make surrounded regions: the check is not vacuous
 
@@ -118,7 +123,7 @@ def test_predict_tensors_equals_predict_on_synthetic_frames(name):
     out = b.predict_tensors([_t(i) for i in imgs])
     for o, r in zip(out, ref):
         assert o.dtype == torch.float32 and tuple(o.shape) == r.shape
-        assert np.abs(o.numpy() - r).max() < 1e-4
+        assert np.abs(o.cpu().numpy() - r).max() < 1e-4
     assert float(ref[0].std()) > 0.05  # non-trivial maps
 
 
@@ -132,5 +137,5 @@ def test_sr_bms_device_maps_equal_reference_on_a_real_frame():
     for o, r in zip(out, ref):
         # INTER_AREA's float rounding flips about 1 pixel in 1e5 by one level (module docstring),
         # which moves a boolean map's edge there: a local difference of a few 1e-4
-        assert np.abs(o.numpy() - r).max() < 2e-3
-        assert np.abs(o.numpy() - r).mean() < 1e-5
+        assert np.abs(o.cpu().numpy() - r).max() < 2e-3
+        assert np.abs(o.cpu().numpy() - r).mean() < 1e-5

@@ -45,8 +45,9 @@ def spectral_residual_map(channels: np.ndarray, blur_frac: float = 0.03) -> np.n
     """Spectral residual saliency (Hou & Zhang 2007) of a (h, w, C) float image, summed over C.
 
     For each channel: A = log|F|, R = A - box3x3(A), S = |F^-1(exp(R + i*phase))|^2,
-    then a Gaussian blur of sigma ``blur_frac * max(h, w)`` pixels. The DC term F(0, 0) of
-    the mean-free channel is set to 0 (it is rounding noise; see the comment in the code).
+    then a Gaussian blur of sigma ``blur_frac * max(h, w)`` pixels. The DC term F(0, 0)
+    of the mean-free channel (rounding noise; see the comment in the code) is dropped, and
+    its log amplitude in the box filter is the mean of its three spectral neighbours.
 
     Returns:
         (h, w) float32, not normalised.
@@ -57,12 +58,16 @@ def spectral_residual_map(channels: np.ndarray, blur_frac: float = 0.03) -> np.n
     x = x - x.mean(axis=(0, 1), keepdims=True)
     f = np.fft.fft2(x, axes=(0, 1))
     # The DC term of a mean-free image is float rounding noise (|F(0, 0)| ~ 1e-3 from a
-    # float32 mean), and its log leaks into the residual of the low frequencies through the
-    # 3x3 box filter: the map then depends on the summation order of the mean. Zero it, so
-    # the map is a function of the image alone (and the device path can match it).
+    # float32 mean), and its log leaks into the residual of the lowest frequencies through
+    # the 3x3 box filter: the map then depends on the summation order of the mean. Its log
+    # amplitude is replaced below by the mean of its three neighbours in the spectrum, and
+    # the term itself is dropped from the reconstruction (the image is mean-free: its true
+    # DC is 0, and the noise's phase would add a random constant), so the map is a function
+    # of the image alone (and the device path can match it).
     f[0, 0] = 0
     amp = np.abs(f)
     log_a = np.log(amp + 1e-8).astype(np.float32)
+    log_a[0, 0] = (log_a[0, 1] + log_a[1, 0] + log_a[1, 1]) / np.float32(3) if min(log_a.shape[:2]) > 1 else log_a[0, 0]
     resid = log_a - cv2.blur(log_a, (3, 3), borderType=cv2.BORDER_REFLECT)
     phase = f / (amp + 1e-8)
     s = np.abs(np.fft.ifft2(np.exp(resid) * phase, axes=(0, 1))) ** 2
@@ -155,9 +160,11 @@ def spectral_residual_torch(x: "torch.Tensor", blur_frac: float = 0.03) -> "torc
 
     x = x - x.mean(dim=(2, 3), keepdim=True)
     f = torch.fft.fft2(x.double())
-    f[..., 0, 0] = 0  # as the reference: the DC term of a mean-free image is rounding noise
+    f[..., 0, 0] = 0  # as the reference (see spectral_residual_map)
     amp = f.abs()
     log_a = torch.log(amp + 1e-8).float()
+    if min(log_a.shape[-2:]) > 1:  # as the reference: the DC term of a mean-free image is rounding noise
+        log_a[..., 0, 0] = (log_a[..., 0, 1] + log_a[..., 1, 0] + log_a[..., 1, 1]) / 3
     resid = log_a - T.box3(log_a)
     phase = f / (amp + 1e-8)
     s = torch.fft.ifft2(torch.exp(resid).double() * phase).abs() ** 2

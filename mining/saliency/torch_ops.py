@@ -132,7 +132,12 @@ def resize_area(x: torch.Tensor, size: tuple[int, int], *, to_u8: bool = False) 
     xf = x.float()
     wy = _area_weights(hh, h, x.device)
     wx = _area_weights(ww, w, x.device)
-    out = torch.matmul(torch.matmul(wy, xf), wx.T)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:  # full fp32 (TF32's 10-bit mantissa would move 8-bit roundings)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        out = torch.matmul(torch.matmul(wy, xf), wx.T)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     if not to_u8:
         return out
     if hh == 2 * h and ww == 2 * w:
@@ -161,10 +166,13 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     if r >= x.shape[-1] or r >= x.shape[-2]:
         raise ValueError(f"Gaussian kernel of radius {r} px does not fit a {tuple(x.shape[-2:])} map")
     g = torch.from_numpy(cv2.getGaussianKernel(k, sigma, cv2.CV_32F).ravel().copy()).to(x.device, x.dtype)
-    y = F.pad(x[:, None], (r, r, 0, 0), mode="reflect")
-    y = F.conv2d(y, g.view(1, 1, 1, k))
-    y = F.pad(y, (0, 0, r, r), mode="reflect")
-    return F.conv2d(y, g.view(1, 1, k, 1))[:, 0]
+    # full fp32 on the GPU too: cuDNN would otherwise run the convolution in TF32 (10-bit
+    # mantissa), far from OpenCV's result
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        y = F.pad(x[:, None], (r, r, 0, 0), mode="reflect")
+        y = F.conv2d(y, g.view(1, 1, 1, k))
+        y = F.pad(y, (0, 0, r, r), mode="reflect")
+        return F.conv2d(y, g.view(1, 1, k, 1))[:, 0]
 
 
 def box3(x: torch.Tensor) -> torch.Tensor:
