@@ -71,13 +71,19 @@ def _row(hit: dict, label: str, box=None, corrected=False, added=False, category
 
 
 def read_gallery(doc: dict) -> list[dict]:
+    from mining.export import patch_id_of_hit
+
     rows = []
     for h in doc.get("hits", []):
         v = h.get("verdict")
         if v not in ("accepted", "rejected"):
             raise LabelsError(f"hit {h.get('hit_id')!r} has verdict {v!r}; expected accepted or rejected")
-        rows.append(_row({**h, "run_id": doc.get("run_id", "")}, "positive" if v == "accepted" else "negative",
-                         category=doc.get("category", "")))
+        try:  # the hit id is authoritative (a browser's JSON numbers cannot hold 63-bit patch ids)
+            pid = patch_id_of_hit(h["hit_id"])
+        except ValueError as e:
+            raise LabelsError(str(e)) from None
+        rows.append(_row({**h, "patch_id": pid, "run_id": doc.get("run_id", "")},
+                         "positive" if v == "accepted" else "negative", category=doc.get("category", "")))
     return rows
 
 

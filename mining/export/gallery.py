@@ -11,7 +11,8 @@ on the focused tile), and "Download feedback JSON" saves ``feedback-<run_id>.jso
                "accepted" | "rejected"}]}
 
 which ``python -m jobs.feedback --labels feedback-<run_id>.json`` reads. Only hits with a verdict are
-listed.
+listed. ``patch_id`` is a decimal string: JavaScript numbers cannot hold 63-bit ids exactly (the
+``hit_id``, 16 hex digits of the patch id, is the authoritative key).
 """
 from __future__ import annotations
 
@@ -183,7 +184,7 @@ def review_page(table, rows: list[dict], out_dir: str, *, reader, title: str, wa
         except Exception:
             ok = False
             w, h = int(mrow.get("width") or 1), int(mrow.get("height") or 1)
-        hits.append({"hit_id": hid, "patch_id": int(r["patch_id"]), "image_id": iid, "image_uri": r["image_uri"],
+        hits.append({"hit_id": hid, "patch_id": str(int(r["patch_id"])), "image_id": iid, "image_uri": r["image_uri"],
                      "box": box, "rank": int(r["rank"]), "score": float(r["score"]), "width": w, "height": h,
                      "frame": f"gallery/frames/{iid}.jpg"})
         lbl = f"#{r['rank']} {r['score']:.3f} &middot; {html.escape(iid[:8])}"
