@@ -29,6 +29,7 @@ Design decisions (and why):
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import io
 import queue
 import threading
@@ -230,9 +231,11 @@ class FrameSource:
         frame_batch: frames per yielded batch. prefetch: records (CUDA) / frames (CPU) in flight.
         threads: decode pool threads. max_pixels: decompression-bomb limit.
         timer: where read / decode / select / wait seconds go.
-        select_one: CPU only: ``(3, H, W) uint8 tensor -> Selection``, run in the pool right after
-            decode; an exception becomes the frame's ("select", reason) error, except
+        select_one: per-frame path only: ``(3, H, W) uint8 tensor -> Selection``, run in the pool
+            right after decode; an exception becomes the frame's ("select", reason) error, except
             NotImplementedError, which aborts the shard.
+        batched: decode in batches in the decode thread (None: on CUDA). ``True`` on a CPU device
+            runs the device path with libjpeg-turbo instead of nvJPEG (tests).
     Attributes:
         read_error: the exception that ended reading early (None: the shard was read to its end).
     Raises (from iteration):
@@ -241,10 +244,11 @@ class FrameSource:
 
     def __init__(self, ref: ShardRef, device, *, frame_batch: int, prefetch: int, threads: int,
                  max_pixels: int = DEFAULT_MAX_PIXELS, timer: StageTimer | None = None,
-                 select_one: Callable | None = None):
+                 select_one: Callable | None = None, batched: bool | None = None):
         self.ref = ref
         self.device = torch.device(device)
         self.on_cuda = self.device.type == "cuda"
+        self.batched = self.on_cuda if batched is None else bool(batched)
         self.frame_batch = max(1, int(frame_batch))
         self.threads = max(1, int(threads))
         self.max_pixels = max_pixels
@@ -254,12 +258,12 @@ class FrameSource:
         self._fatal: BaseException | None = None
         self._stop = threading.Event()
         self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
-        window = max(int(prefetch), self.frame_batch) if self.on_cuda else max(int(prefetch), 2 * self.threads)
-        self._rq: queue.Queue = queue.Queue(maxsize=max(2, window))   # records (CUDA) / futures (CPU)
-        self._bq: queue.Queue = queue.Queue(maxsize=2)                 # CUDA: decoded FrameBatches
+        window = max(int(prefetch), self.frame_batch) if self.batched else max(int(prefetch), 2 * self.threads)
+        self._rq: queue.Queue = queue.Queue(maxsize=max(2, window))   # records (batched) / futures (per frame)
+        self._bq: queue.Queue = queue.Queue(maxsize=2)                 # batched: decoded FrameBatches
         self._threads = [threading.Thread(target=self._read, name=f"read-{ref.uri[-20:]}", daemon=True)]
-        if self.on_cuda:
-            self._threads.append(threading.Thread(target=self._decode_loop, name="nvjpeg", daemon=True))
+        if self.batched:
+            self._threads.append(threading.Thread(target=self._decode_loop, name="batch-decode", daemon=True))
         self._reader_done = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -317,7 +321,7 @@ class FrameSource:
                 self.timer.add("read", time.perf_counter() - t0)
                 if rec is None:
                     break
-                item = rec if self.on_cuda else self._pool.submit(self._host_frame, rec)
+                item = rec if self.batched else self._pool.submit(self._host_frame, rec)
                 if not self._put(self._rq, item):
                     return
         except BaseException as e:  # noqa: BLE001 - surfaced by the runner as a read error
@@ -325,7 +329,7 @@ class FrameSource:
         finally:
             self._put(self._rq, _END)
 
-    # ------------------------------------------------------------------ CPU: decode (+ select) per frame
+    # ------------------------------------------------------------------ per frame (CPU): decode (+ select)
     def _host_frame(self, rec: Record) -> Frame:
         if rec.error is not None or rec.data is None:
             return Frame(rec, error=rec.error or ("read", "no data"))
@@ -364,7 +368,7 @@ class FrameSource:
         if batch:
             yield FrameBatch(batch)
 
-    # ------------------------------------------------------------------ CUDA: batched nvJPEG
+    # ------------------------------------------------------------------ batched (CUDA): nvJPEG
     def _take(self) -> list[Record]:
         recs: list[Record] = []
         while len(recs) < self.frame_batch and not self._reader_done:
@@ -381,7 +385,7 @@ class FrameSource:
         return recs
 
     def _decode_loop(self) -> None:
-        stream = torch.cuda.Stream(self.device)
+        stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         try:
             while not self._stop.is_set():
                 recs = self._take()
@@ -391,11 +395,13 @@ class FrameSource:
                 frames = [Frame(r, error=r.error or ("read", "no data")) if (r.error or r.data is None) else Frame(r)
                           for r in recs]
                 todo = [f for f in frames if f.error is None]
-                with torch.cuda.stream(stream):
+                ready = None
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     dec = decode_batch([f.rec.data for f in todo], self.device, max_pixels=self.max_pixels,
                                        pool=self._pool)
-                    ready = torch.cuda.Event()
-                    ready.record(stream)
+                    if stream is not None:
+                        ready = torch.cuda.Event()
+                        ready.record(stream)
                 for f, d in zip(todo, dec):
                     if isinstance(d, DecodeError):
                         f.error = ("decode", d.reason)
@@ -418,6 +424,6 @@ class FrameSource:
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[FrameBatch]:
-        yield from (self._iter_device() if self.on_cuda else self._iter_host())
+        yield from (self._iter_device() if self.batched else self._iter_host())
         if self._fatal is not None:
             raise self._fatal

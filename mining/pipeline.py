@@ -47,6 +47,7 @@ Why the stages are split this way (issue 13; target >= 10,000 patches/s per H200
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
@@ -194,6 +195,7 @@ class ShardMiner:
         if not self.on_cuda:
             torch.set_num_threads(self.cpus)
         self.writer_thread = writer_thread
+        self.device_path = self.on_cuda  # batched decode + batched selection (settable: tests run it on CPU)
         self._sel_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self.embedder.pop_forward_seconds()
 
@@ -233,13 +235,14 @@ class ShardMiner:
         batcher = PatchBatcher(self.embedder, self.batch_size, writer, timer)
         source = FrameSource(ref, self.device, frame_batch=self.frame_batch, prefetch=cfg.prefetch,
                              threads=self.decode_threads, max_pixels=cfg.max_pixels, timer=timer,
-                             select_one=None if self.on_cuda else self.selector.select_one)
+                             select_one=None if self.device_path else self.selector.select_one,
+                             batched=self.device_path)
         n_frames = 0
         try:
             with source:
                 for batch in source:                         # read + decode (+ select on CPU)
-                    if self.on_cuda:                         # select, on its own stream
-                        with torch.cuda.stream(self._sel_stream):
+                    if self.device_path:                     # select, on its own CUDA stream
+                        with torch.cuda.stream(self._sel_stream) if self.on_cuda else contextlib.nullcontext():
                             batch.wait()
                             self.selector.select_batch(batch.frames, timer)
                     batch.wait()

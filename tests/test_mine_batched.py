@@ -70,6 +70,22 @@ def test_rerun_and_synchronous_writer_give_identical_tables(miner, shard, tmp_pa
     assert ta.num_rows > 0 and ta.equals(tb)
 
 
+def test_device_path_on_cpu_equals_the_per_frame_path(miner, shard, tmp_path):
+    """The CUDA data path (batched decode thread, batched select, same batcher/writer) run on CPU
+    tensors with libjpeg-turbo: same rows and embeddings as the per-frame CPU path."""
+    miner.mine_shard(shard, str(tmp_path / "cpu"))
+    dev = ShardMiner(MineConfig(**TINY, frame_batch=4, batch_size=16))
+    dev.device_path = True
+    rec = dev.mine_shard(shard, str(tmp_path / "dev"))
+    assert rec["num_errors"] == 1 and rec["frames"] == 6
+    errs = open_errors(str(tmp_path / "dev")).to_table().to_pylist()
+    assert [(e["uri"].rsplit("#", 1)[1], e["stage"]) for e in errs] == [("f2_corrupt.jpg", "decode")]
+    ta, tb = (open_patches(str(tmp_path / k)).to_table() for k in ("cpu", "dev"))
+    assert ta.num_rows > 0 and ta.equals(tb)
+    ia, ib = (open_images(str(tmp_path / k)).to_table().sort_by("image_uri") for k in ("cpu", "dev"))
+    assert ia.equals(ib)
+
+
 class _FailsOnTallFrames:
     """A shared (not weight-free) backend wrapper that fails on one frame size."""
 
@@ -152,15 +168,20 @@ class _Null:
         return [torch.zeros(tuple(t.shape[1:]), dtype=torch.float32) for t in images]
 
 
-def test_mining_end_to_end_with_the_torch_selector(miner, shard, tmp_path):
+@pytest.mark.slow
+def test_mining_end_to_end_with_the_torch_selector(shard, tmp_path):
+    """The whole shard through ``select_impl="torch"`` (agreement of the two selectors is
+    tests/test_select_device.py's business; here: the data path and its determinism)."""
     reason = _torch_impl_available()
     if reason:
         pytest.skip(reason)
     m = ShardMiner(MineConfig(**TINY, frame_batch=4, batch_size=16, select_impl="torch"))
-    rec = m.mine_shard(shard, str(tmp_path / "torch"))
-    assert rec["selection"]["impl"] == "torch" and rec["num_errors"] == 1
-    miner.mine_shard(shard, str(tmp_path / "numpy"))
-    key = ["image_uri", "level", "x0", "y0", "x1", "y1"]
-    tt, tn = (open_patches(str(tmp_path / k)).to_table().select(["patch_id", *key]).sort_by("patch_id")
-              for k in ("torch", "numpy"))
-    assert tt.num_rows > 0 and tt.equals(tn)  # the same boxes, hence the same stable ids
+    m.device_path = True  # the CUDA data path: one select_frames call per frame batch
+    rec = m.mine_shard(shard, str(tmp_path / "a"))
+    assert rec["selection"]["impl"] == "torch" and rec["num_errors"] == 1 and rec["num_images"] == 5
+    imgs = open_images(str(tmp_path / "a")).to_table().to_pylist()
+    assert sorted(r["status"] for r in imgs) == ["error"] + ["ok"] * 5
+    assert all(r["num_patches"] > 0 for r in imgs if r["status"] == "ok")
+    t = open_patches(str(tmp_path / "a")).to_table()
+    assert t.num_rows == rec["num_patches"] == len(set(t["patch_id"].to_pylist())) > 0
+    assert max(t["x1"].to_pylist()) <= 340 and max(t["y1"].to_pylist()) <= 200
