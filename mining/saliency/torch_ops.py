@@ -197,25 +197,30 @@ def normalize_maps(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sweep(a: torch.Tensor, b: torch.Tensor, dim: int, reverse: bool) -> torch.Tensor:
-    """One directional geodesic sweep along ``dim`` as a parallel prefix scan.
+    """One directional geodesic sweep along ``dim`` as a parallel prefix scan, in place.
 
     The sequential sweep ``R[x] = max(R[x], min(O[x], R[x-1]))`` composes the maps
     ``f_x(r) = max(a_x, min(b_x, r))``; such maps are closed under composition
     (``f2 o f1 = (max(a2, min(b2, a1)), min(b2, b1))``), so log2(n) doubling steps
-    (Hillis-Steele) give every prefix at once. Returns the swept ``a``.
+    (Hillis-Steele) give every prefix at once. ``a`` is updated in place and returned;
+    ``b`` is not modified.
     """
-    if reverse:
-        a, b = a.flip(dim), b.flip(dim)
     n = a.shape[dim]
+    b = b.clone()
     d = 1
     while d < n:
-        a_hi, a_lo = a.narrow(dim, d, n - d), a.narrow(dim, 0, n - d)
-        b_hi, b_lo = b.narrow(dim, d, n - d), b.narrow(dim, 0, n - d)
-        a = torch.cat([a.narrow(dim, 0, d), torch.maximum(a_hi, torch.minimum(b_hi, a_lo))], dim)
+        if reverse:  # element x takes from x + d
+            dst, src = slice(0, n - d), slice(d, n)
+        else:        # element x takes from x - d
+            dst, src = slice(d, n), slice(0, n - d)
+        a_dst, a_src = a.narrow(dim, dst.start, n - d), a.narrow(dim, src.start, n - d)
+        b_dst, b_src = b.narrow(dim, dst.start, n - d), b.narrow(dim, src.start, n - d)
+        upd = torch.minimum(b_dst, a_src)          # from the old a: computed before the write
+        torch.maximum(a_dst, upd, out=a_dst)
         if 2 * d < n:
-            b = torch.cat([b.narrow(dim, 0, d), torch.minimum(b_hi, b_lo)], dim)
+            torch.minimum(b_dst, b_src.clone(), out=b_dst)
         d *= 2
-    return a.flip(dim) if reverse else a
+    return a
 
 
 def border_reconstruction(o: torch.Tensor, max_rounds: int = 10_000) -> torch.Tensor:
@@ -242,9 +247,9 @@ def border_reconstruction(o: torch.Tensor, max_rounds: int = 10_000) -> torch.Te
     r[:, :, 0] = o[:, :, 0]
     r[:, :, -1] = o[:, :, -1]
     for _ in range(max_rounds):
-        n = r
+        n = r.clone()
         for dim, rev in ((2, False), (2, True), (1, False), (1, True)):
-            n = _sweep(n, o, dim, rev)
+            _sweep(n, o, dim, rev)
         if torch.equal(n, r):
             return n
         r = n
