@@ -198,3 +198,44 @@ def test_decode_batch_survives_a_rejected_batch():
     got = decode_batch(datas, "cpu", jpeg_decoder=picky)
     for d, g in zip(datas, got):
         assert np.array_equal(g.permute(1, 2, 0).numpy(), decode_image(d))
+
+
+# --------------------------------------------------------------------------- on a GPU (skipped without one)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG, streams, pinned copies)")
+
+
+@cuda
+def test_cuda_batched_crops_and_flush_match_cpu():
+    rng = np.random.default_rng(3)
+    frames, boxes = _frames(rng)
+    host = [torch.from_numpy(f).permute(2, 0, 1) for f in frames]
+    dev = [t.cuda().contiguous() for t in host]
+    ref = crop_boxes(host, boxes, 224)
+    got = crop_boxes(dev, boxes, 224)
+    assert got.is_cuda and float((got.cpu() - ref).abs().max()) < 0.05  # same op, other kernel
+    e_cpu = ClipEmbedder(ClipSpec(TEST_MODEL, None, random_init=True), device="cpu")
+    e_gpu = ClipEmbedder(ClipSpec(TEST_MODEL, None, random_init=True), device="cuda")
+    a, b = _run_batcher(e_cpu, True, frames, boxes, 7), _run_batcher(e_gpu, True, frames, boxes, 7)
+    ta, tb = a.patch_table(), b.patch_table()
+    assert ta.drop_columns(["embedding", "model"]).equals(tb.drop_columns(["embedding", "model"]))
+    from mining.store import embeddings_from_arrow
+
+    za, zb = embeddings_from_arrow(ta["embedding"]), embeddings_from_arrow(tb["embedding"])
+    assert float(1 - (za * zb).sum(1).min()) < 0.01  # bf16 autocast on the GPU
+
+
+@cuda
+def test_cuda_decode_batch_with_nvjpeg():
+    names = ["odd/exif_rot90.jpg", "odd/cmyk.jpg", "odd/gray8.png", "broken/truncated.jpg", "broken/bomb.png"]
+    datas = [p.read_bytes() for p in gtsdb_images(3)] + [(FIX / n).read_bytes() for n in names]
+    got = decode_batch(datas, "cuda")
+    for d, g in zip(datas, got):
+        try:
+            want = decode_image(d)
+        except DecodeError as e:
+            assert isinstance(g, DecodeError) and g.reason.split(":")[0] == e.reason.split(":")[0]
+            continue
+        assert g.is_cuda and g.shape == (3, *want.shape[:2]) and g.dtype == torch.uint8
+        assert np.abs(g.permute(1, 2, 0).cpu().numpy().astype(int) - want).mean() < 3.0  # nvJPEG's IDCT differs a little
+    assert tuple(got[3].shape) == (3, 320, 200)

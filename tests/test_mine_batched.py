@@ -8,6 +8,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 
 from mining.pipeline import MineConfig, ShardMiner
 from mining.shards import list_shards, write_tar_shard
@@ -111,8 +112,6 @@ class _FailsOnTallFrames:
 
 def test_failed_batch_selection_falls_back_to_frame_by_frame(miner):
     """The CUDA path's batched selection (run here on CPU tensors): one bad frame -> one select error."""
-    import torch
-
     from mining.frames import Frame
     from mining.shards import Record
     from mining.stages import StageTimer
@@ -141,8 +140,6 @@ def test_failed_selection_in_the_pool_is_one_errors_row(shard, tmp_path):
 
 
 def _torch_impl_available() -> str | None:
-    import torch
-
     from mining.select_device import select_frames
     from mining.selection import get_preset
 
@@ -163,8 +160,6 @@ class _Null:
         return [np.zeros(im.shape[:2], np.float32) for im in images]
 
     def predict_tensors(self, images):
-        import torch
-
         return [torch.zeros(tuple(t.shape[1:]), dtype=torch.float32) for t in images]
 
 
@@ -185,3 +180,20 @@ def test_mining_end_to_end_with_the_torch_selector(shard, tmp_path):
     t = open_patches(str(tmp_path / "a")).to_table()
     assert t.num_rows == rec["num_patches"] == len(set(t["patch_id"].to_pylist())) > 0
     assert max(t["x1"].to_pylist()) <= 340 and max(t["y1"].to_pylist()) <= 200
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG, streams, pinned copies)")
+def test_cuda_actor_mines_the_shard(shard, tmp_path):
+    """The real device path: nvJPEG decode thread, selection on its own stream, pinned copies,
+    writer thread waiting on CUDA events. The reference selector keeps boxes comparable."""
+    m = ShardMiner(MineConfig(**TINY, frame_batch=4, batch_size=16, device="cuda", select_impl="numpy"))
+    assert m.device_path and m.info()["device"].startswith("cuda")
+    rec = m.mine_shard(shard, str(tmp_path / "a"))
+    errs = open_errors(str(tmp_path / "a")).to_table().to_pylist()
+    assert [(e["uri"].rsplit("#", 1)[1], e["stage"]) for e in errs] == [("f2_corrupt.jpg", "decode")]
+    assert rec["num_images"] == 5 and rec["num_patches"] > 0 and rec["forward_s"] > 0
+    t = open_patches(str(tmp_path / "a")).to_table()
+    assert t.num_rows == rec["num_patches"] == len(set(t["patch_id"].to_pylist()))
+    m.mine_shard(shard, str(tmp_path / "b"))  # a rerun on the GPU gives the same patches
+    key = ["patch_id", "image_uri", "level", "x0", "y0", "x1", "y1"]
+    assert open_patches(str(tmp_path / "b")).to_table().select(key).equals(t.select(key))
