@@ -1,50 +1,72 @@
-"""Argument groups shared by the job entry points (model and selection options)."""
+"""Argument groups shared by the job entry points; defaults come from :class:`mining.pipeline.MineConfig`
+and :func:`mining.driver.run_mining`, so the CLI and the library never disagree."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
-import os
+import sys
+
+
+def _defaults() -> tuple:
+    from mining.driver import run_mining
+    from mining.pipeline import MineConfig
+
+    params = inspect.signature(run_mining).parameters
+    return MineConfig(), {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
 def add_clip_args(p: argparse.ArgumentParser) -> None:
+    d, _ = _defaults()
     g = p.add_argument_group("CLIP model")
-    g.add_argument("--clip-model", default="ViT-B-16", help="open_clip model name (default ViT-B-16, the thesis' model; "
-                   "tiny-test-random is a toy config for tests)")
-    g.add_argument("--clip-pretrained", default="openai",
-                   help="open_clip pretrained tag (e.g. openai) or a local checkpoint path (default openai)")
+    g.add_argument("--clip-model", default=d.clip_model, help=f"open_clip model name (default {d.clip_model}, the thesis' "
+                   "model; tiny-test-random is a toy config for tests)")
+    g.add_argument("--clip-pretrained", default=d.clip_pretrained,
+                   help=f"open_clip pretrained tag (e.g. openai) or a local checkpoint path (default {d.clip_pretrained})")
     g.add_argument("--clip-random-init", action="store_true",
                    help="SMOKE RUNS ONLY: random CLIP weights; recorded in the outputs, later steps warn")
 
 
 def add_selection_args(p: argparse.ArgumentParser) -> None:
+    d, _ = _defaults()
     g = p.add_argument_group("patch selection")
-    g.add_argument("--selector", default="saliency", choices=["saliency", "ltrp", "kpp"],
+    g.add_argument("--selector", default=d.selector, choices=["saliency", "ltrp", "kpp"],
                    help="saliency hierarchy (thesis §3.1), LTRP learned ranking, or KPP (training-free)")
-    g.add_argument("--preset", default=None, help="selection preset (default: the best measured one, see README)")
-    g.add_argument("--saliency", default=None, help="saliency backend for --selector saliency")
-    g.add_argument("--ltrp-checkpoint", default=None, help="LTRP ranking-model checkpoint (irsLu/ltrp layout)")
-    g.add_argument("--mae-checkpoint", default=None, help="MAE checkpoint for KPP (official MAE layout)")
-    g.add_argument("--kpp-ratio", type=float, default=0.25, help="KPP: fraction of tokens kept")
+    g.add_argument("--preset", default=d.preset, help="selection preset (default: the best measured one, see README)")
+    g.add_argument("--saliency", default=d.saliency, help="saliency backend for --selector saliency")
+    g.add_argument("--ltrp-checkpoint", default=d.ltrp_checkpoint, help="LTRP ranking-model checkpoint (irsLu/ltrp layout)")
+    g.add_argument("--mae-checkpoint", default=d.mae_checkpoint, help="MAE checkpoint for KPP (official MAE layout)")
+    g.add_argument("--kpp-ratio", type=float, default=d.kpp_ratio, help=f"KPP: fraction of tokens kept (default {d.kpp_ratio})")
     g.add_argument("--ranker-random-init", action="store_true", help="SMOKE RUNS ONLY: random LTRP/MAE weights")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    d, r = _defaults()
     g = p.add_argument_group("runtime")
-    g.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
-    g.add_argument("--actors", type=int, default=None, help="mining actors (default: one per GPU, else CPUs / --cpus-per-actor)")
-    g.add_argument("--gpu", dest="use_gpu", action="store_true", default=None,
+    g.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray on 127.0.0.1)")
+    g.add_argument("--actors", type=int, default=r["num_actors"],
+                   help="mining actors (default: one per free GPU, else free CPUs / --cpus-per-actor)")
+    g.add_argument("--gpu", dest="use_gpu", action="store_true", default=r["use_gpu"],
                    help="ask for num_gpus=1 actors even if no GPU is up yet (autoscaling from zero; use with --actors)")
     g.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="CPU actors even where GPUs exist")
-    g.add_argument("--cpus-per-actor", type=int, default=None, help="CPUs per actor without GPUs (default: all CPUs / actors)")
-    g.add_argument("--batch-size", type=int, default=None, help="patches per CLIP forward (default: from free GPU memory; 64 on CPU)")
-    g.add_argument("--device", default=None, help="torch device in the actors (default: cuda when visible, else cpu)")
-    g.add_argument("--decode-threads", type=int, default=None,
+    g.add_argument("--cpus-per-actor", type=int, default=r["cpus_per_actor"],
+                   help="CPUs per actor without GPUs (default: the free CPUs / actors)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="patches per CLIP forward, >= 1 (default: from free GPU memory; 64 on CPU)")
+    g.add_argument("--device", default=d.device, help="torch device in the actors (default: cuda when visible, else cpu)")
+    g.add_argument("--decode-threads", type=int, default=d.decode_threads,
                    help="decode (+ selection on CPU) threads per actor (default: the actor's CPUs)")
-    g.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is recorded as failed")
-    g.add_argument("--images-per-shard", type=int, default=64, help="frames per shard for directories of images")
+    g.add_argument("--max-attempts", type=int, default=r["max_attempts"],
+                   help=f"tries per shard before it is recorded as failed (default {r['max_attempts']})")
+    g.add_argument("--images-per-shard", type=int, default=r["images_per_dir_shard"],
+                   help=f"frames per shard for directories of images (default {r['images_per_dir_shard']})")
+    g.add_argument("--startup-timeout", type=float, default=r["startup_timeout"],
+                   help="seconds to wait for the first mining actor (free resources, model load) before giving up "
+                        f"with exit code 2 (default {r['startup_timeout']:.0f})")
 
 
 def mine_config(args: argparse.Namespace, date: str | None = None):
+    """The :class:`mining.pipeline.MineConfig` of the parsed arguments."""
     from mining.pipeline import MineConfig
 
     return MineConfig(
@@ -58,11 +80,24 @@ def mine_config(args: argparse.Namespace, date: str | None = None):
 
 
 def runtime_kwargs(args: argparse.Namespace) -> dict:
-    """The runtime options as keyword arguments of ``mining.pipeline.run_mining``."""
+    """The runtime options as keyword arguments of :func:`mining.driver.run_mining`."""
     return dict(address=args.address, num_actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-                max_attempts=args.max_attempts, use_gpu=args.use_gpu, images_per_dir_shard=args.images_per_shard)
+                max_attempts=args.max_attempts, use_gpu=args.use_gpu, images_per_dir_shard=args.images_per_shard,
+                startup_timeout=args.startup_timeout)
 
 
 def setup_logging() -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    """WARNING-level logging in one line per record (RAY_AUTH_MODE is left as the user set it)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def fail(exc: BaseException) -> int:
+    """Print a user-facing error as one line on stderr; returns exit code 2. Re-raises anything else."""
+    from mining.errors import user_error
+
+    ue = user_error(exc)
+    if ue is None and not isinstance(exc, (FileNotFoundError, ValueError)):
+        raise exc
+    msg = str(ue if ue is not None else exc).strip().splitlines()
+    print(f"error: {msg[0] if msg else type(exc).__name__}", file=sys.stderr, flush=True)
+    return 2

@@ -2,8 +2,9 @@
 
     python -m jobs.mine --input <dir|glob|tar/parquet shards|s3://...> --output <root> [--address <ray>]
 
-Runs on the local Ray when no address is given; submittable unchanged with
-``ray job submit --working-dir . -- python -m jobs.mine ...``.
+Runs on a new local Ray (bound to 127.0.0.1) when no address is given; submittable unchanged with
+``ray job submit --working-dir . -- python -m jobs.mine ...``. Exit codes: 0 ok, 1 some shards
+failed, 2 bad settings / weights / input / output, or no actor could start (one line on stderr).
 """
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import argparse
 import json
 import sys
 
-from jobs._common import add_clip_args, add_runtime_args, add_selection_args, mine_config, runtime_kwargs, setup_logging
+from jobs._common import add_clip_args, add_runtime_args, add_selection_args, fail, mine_config, runtime_kwargs, setup_logging
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.mine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="shards: directory/prefix, glob, .tar/.parquet file(s), comma-separated")
     p.add_argument("--output", required=True, help="dataset root (local directory or s3://bucket/prefix)")
@@ -23,18 +24,19 @@ def main(argv: list[str] | None = None) -> int:
     add_selection_args(p)
     add_clip_args(p)
     add_runtime_args(p)
-    args = p.parse_args(argv)
-    setup_logging()
+    return p
 
-    from mining.embed import WeightsError
-    from mining.pipeline import format_summary, run_mining
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    from mining.driver import format_summary, run_mining
 
     cfg = mine_config(args)
     try:
         summary = run_mining(args.input, args.output, cfg, **runtime_kwargs(args))
-    except (WeightsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - user errors become one line + exit 2, others propagate
+        return fail(e)
     print(format_summary(summary))
     if cfg.clip_random_init:
         print("WARNING: CLIP weights were RANDOM (--clip-random-init): embeddings are not semantic")

@@ -90,18 +90,89 @@ class ClipSpec:
         return f"{self.model}/{src}"
 
 
+def _looks_like_path(p: str) -> bool:
+    return os.path.sep in p or p.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def _tag_cached(model: str, tag: str) -> bool:
+    """True when open_clip's weights for ``model``/``tag`` are in the local HF hub or open_clip URL cache."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model, tag) or {}
+    hub = (cfg.get("hf_hub") or "").strip("/")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            repo = "/".join(hub.split("/")[:2])
+            for fn in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+                if isinstance(try_to_load_from_cache(repo, fn), str):
+                    return True
+        except Exception:  # noqa: BLE001 - no hub library or a malformed id: not cached
+            pass
+    url = cfg.get("url") or ""
+    if url:
+        root = os.environ.get("OPEN_CLIP_CACHE_DIR") or os.path.expanduser("~/.cache/clip")
+        if os.path.exists(os.path.join(root, os.path.basename(url))):
+            return True
+    return False
+
+
+def check_weights(spec: ClipSpec, offline: bool | None = None) -> None:
+    """Fail fast (no model is built) when ``spec``'s weights cannot resolve here.
+
+    Checks: the model name exists; the toy model is random-init only; a checkpoint path exists and
+    opens as a torch checkpoint (memory-mapped, not loaded); a tag is one of the model's open_clip
+    tags and, when the hub is offline (``HF_HUB_OFFLINE=1``), is in the local cache.
+
+    Raises:
+        WeightsError: weights missing (the message names --clip-pretrained and --clip-random-init).
+        ValueError: unknown model name, or the toy model without --clip-random-init.
+    """
+    import open_clip
+
+    _register_configs()
+    if spec.model not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {spec.model!r} (--clip-model); known e.g. ViT-B-16, ViT-L-14, {TEST_MODEL}")
+    if spec.random_init:
+        return
+    if spec.model == TEST_MODEL:
+        raise ValueError(f"{TEST_MODEL} only exists randomly initialised: pass --clip-random-init")
+    p = spec.pretrained
+    if not p:
+        raise WeightsError(f"no CLIP weights given. {weights_help(spec.model)}")
+    if _looks_like_path(p):
+        if not os.path.isfile(p):
+            raise WeightsError(f"CLIP checkpoint {p!r} does not exist. {weights_help(spec.model)}")
+        if not p.endswith(".safetensors"):
+            try:
+                torch.load(p, map_location="cpu", mmap=True, weights_only=False)
+            except Exception as e:  # noqa: BLE001 - not a torch checkpoint
+                raise WeightsError(f"CLIP checkpoint {p!r} does not open ({type(e).__name__}). "
+                                   f"{weights_help(spec.model)}") from None
+        return
+    if p not in open_clip.list_pretrained_tags_by_model(spec.model):
+        raise WeightsError(f"{p!r} is neither a file nor an open_clip tag of {spec.model}. {weights_help(spec.model)}")
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline and not _tag_cached(spec.model, p):
+        raise WeightsError(f"CLIP weights {spec.model}/{p} are not in the local cache and HF_HUB_OFFLINE is set. "
+                           f"{weights_help(spec.model)}")
+
+
 class ClipEmbedder:
     """open_clip image and text towers on one device.
 
     Args:
         spec: model name, weights source, random_init opt-in.
         device: "cuda", "cuda:1", "cpu" or None (auto).
+        warn_random: log the random-weights warning (mining actors pass False: the driver warns once).
     Raises:
         WeightsError: weights cannot be loaded; the message names both ways to provide them.
         ValueError: random_init and pretrained given together, or the TEST_MODEL without random_init.
     """
 
-    def __init__(self, spec: ClipSpec = ClipSpec(), device: str | None = None):
+    def __init__(self, spec: ClipSpec = ClipSpec(), device: str | None = None, warn_random: bool = True):
         import open_clip
 
         _register_configs()
@@ -112,7 +183,8 @@ class ClipEmbedder:
         if spec.model == TEST_MODEL and not spec.random_init:
             raise ValueError(f"{TEST_MODEL} only exists randomly initialised: pass --clip-random-init")
         if spec.random_init:
-            log.warning("CLIP %s is RANDOMLY INITIALISED (--clip-random-init): embeddings are not semantic", spec.model)
+            if warn_random:  # mining actors pass False: the driver warns once per command
+                log.warning("CLIP %s is RANDOMLY INITIALISED (--clip-random-init): embeddings are not semantic", spec.model)
             # seeded, so smoke runs (and the rerun-equality tests) are reproducible across processes
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_INIT_SEED)
@@ -122,7 +194,7 @@ class ClipEmbedder:
             if not spec.pretrained:
                 raise WeightsError(f"no CLIP weights given. {weights_help(spec.model)}")
             p = spec.pretrained
-            looks_like_path = os.path.sep in p or p.endswith((".pt", ".pth", ".bin", ".safetensors"))
+            looks_like_path = _looks_like_path(p)
             if looks_like_path and not os.path.exists(p):
                 raise WeightsError(f"CLIP checkpoint {p!r} does not exist. {weights_help(spec.model)}")
             if not looks_like_path and p not in open_clip.list_pretrained_tags_by_model(spec.model):

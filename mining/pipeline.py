@@ -166,12 +166,14 @@ class ShardMiner:
     Args:
         cfg: a :class:`MineConfig` (resolved: date and run_id set).
         writer_thread: build the Arrow columns in a writer thread (default) or in the main loop.
+        progress: None, or a handle of :class:`mining.progress.ProgressCounter`: each frame batch
+            reports ``add(frames, patches)`` to it (fire and forget; the driver aggregates).
     Raises:
         mining.embed.WeightsError: CLIP weights cannot be loaded (never falls back to random).
         ValueError: unknown ``select_impl``.
     """
 
-    def __init__(self, cfg: MineConfig, writer_thread: bool = True):
+    def __init__(self, cfg: MineConfig, writer_thread: bool = True, progress: Any = None):
         import torch
 
         from mining import selection
@@ -182,7 +184,9 @@ class ShardMiner:
         self.cfg = cfg = cfg.resolved()  # idempotent: keeps a given date / run_id
         if self.cfg.select_impl is not None and self.cfg.select_impl not in IMPLS:
             raise ValueError(f"unknown select_impl {self.cfg.select_impl!r}; use one of {IMPLS} or None")
-        self.embedder = ClipEmbedder(ClipSpec(cfg.clip_model, cfg.clip_pretrained, cfg.clip_random_init), device=cfg.device)
+        self.embedder = ClipEmbedder(ClipSpec(cfg.clip_model, cfg.clip_pretrained, cfg.clip_random_init), device=cfg.device,
+                                     warn_random=False)  # the driver warns once per command
+        self.progress = progress
         self.device = self.embedder.device
         self.on_cuda = self.device.type == "cuda"
         self.selector = FrameSelector(selection.get_preset(self.cfg.preset, **self.cfg.selection_overrides),
@@ -250,6 +254,8 @@ class ShardMiner:
                     batcher.add([f.image for f in ok], [f.rec.image_uri for f in ok],
                                 [f.selection for f in ok])   # crop (+ embed full CLIP batches)
                     n_frames += len(batch.frames)
+                    if self.progress is not None:            # per-frame progress, aggregated in the driver
+                        self.progress.add.remote(len(batch.frames), sum(len(f.selection.boxes) for f in ok))
                 batcher.flush()                              # embed the rest
         finally:
             writer.close()                                   # write: the last column blocks
@@ -303,169 +309,12 @@ class ShardMiner:
         return ok
 
 
-# --------------------------------------------------------------------------- Ray driver
+# --------------------------------------------------------------------------- the driver lives in mining/driver.py
 
-def _ray_init(address: str | None, runtime_env: dict | None = None):
-    import ray
+def __getattr__(name: str):
+    """``run_mining`` / ``format_summary`` are importable from here too (moved to :mod:`mining.driver`)."""
+    if name in ("run_mining", "format_summary"):
+        from mining import driver
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(runtime_env=runtime_env)  # RAY_ADDRESS (set under `ray job submit`) or a new local cluster
-
-
-def _fail_record(root: str, cfg: MineConfig, ref: ShardRef, reason: str, attempts: int) -> dict:
-    out = ShardOutput(shard=ref.uri, date=cfg.date, run_id=cfg.run_id, model=f"{cfg.clip_model}",
-                      dim=1, random_init=cfg.clip_random_init)
-    out.add_error(ref.uri, "shard", f"gave up after {attempts} attempts: {reason}")
-    out.extra = {"attempts": attempts}
-    return write_shard(root, out, status="failed")
-
-
-def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: str | None = None,
-               num_actors: int | None = None, cpus_per_actor: int | None = None, max_attempts: int = 3,
-               images_per_dir_shard: int = 64, progress: bool = True, shards: list[ShardRef] | None = None,
-               use_gpu: bool | None = None) -> dict:
-    """Mine every uncommitted shard of ``input_spec`` into ``output_root`` on a Ray cluster.
-
-    One actor per GPU (``num_gpus=1``); without GPUs, ``num_actors`` CPU actors of
-    ``cpus_per_actor`` CPUs each. Shards are dispatched one at a time per actor
-    (dynamic load balancing); an actor that dies is restarted by Ray (``max_restarts=-1``)
-    and its shard is retried; a shard that fails ``max_attempts`` times becomes a
-    ``failed`` ledger record and an errors row, and the rest of the run completes.
-    Already-committed shards are skipped, so a rerun mines only what is missing.
-
-    ``use_gpu``: None detects GPUs in the cluster now; True asks for ``num_gpus=1`` actors
-    even when none is up yet (an autoscaling cluster with ``min_workers: 0`` then launches GPU
-    workers for them; use with ``num_actors``); False forces CPU actors.
-
-    Returns:
-        summary dict: shards_total, shards_skipped, shards_mined, shards_failed, images, patches,
-        errors, wall_s, images_per_s, patches_per_s, stage_s (summed over shards), run_id, date.
-    Raises:
-        mining.embed.WeightsError: CLIP weights cannot be loaded (raised before mining starts).
-        FileNotFoundError / ValueError: bad ``input_spec``.
-    """
-    import ray
-
-    cfg = cfg.resolved()
-    t0 = time.perf_counter()
-    refs = shards if shards is not None else list_shards(input_spec, images_per_dir_shard=images_per_dir_shard)
-    done = committed_shards(output_root)
-    todo = [r for r in refs if r.uri not in done]
-    summary: dict[str, Any] = {"run_id": cfg.run_id, "date": cfg.date, "shards_total": len(refs),
-                               "shards_skipped": len(refs) - len(todo), "shards_mined": 0, "shards_failed": 0,
-                               "images": 0, "patches": 0, "errors": 0, "stage_s": dict.fromkeys(STAGES, 0.0),
-                               "failed": []}
-    if not todo:
-        summary.update(wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0, patches_per_s=0.0)
-        return summary
-    _ray_init(address)
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    if use_gpu or (use_gpu is None and gpus > 0):
-        opts = {"num_gpus": 1, "num_cpus": cpus_per_actor or 1}
-        n = num_actors or max(1, gpus)
-    else:
-        cpa = cpus_per_actor or max(1, int(res.get("CPU", 1)) // (num_actors or 1))
-        opts = {"num_cpus": cpa}
-        n = num_actors or max(1, int(res.get("CPU", 1)) // cpa)
-    n = max(1, min(n, len(todo)))
-    Actor = ray.remote(ShardMiner)
-    renv = {"env_vars": actor_env()}
-    actors = [Actor.options(max_restarts=-1, max_task_retries=0, runtime_env=renv, **opts).remote(cfg) for _ in range(n)]
-    # surface weight / config errors once, clearly, before any shard is dispatched
-    try:
-        infos = ray.get([a.info.remote() for a in actors])
-    except Exception as e:  # noqa: BLE001
-        for a in actors:
-            ray.kill(a)
-        msg = str(e)
-        from mining.embed import WeightsError
-
-        marker = "WeightsError: "
-        if marker in msg:
-            raise WeightsError(msg.split(marker, 1)[1].strip().splitlines()[0]) from None
-        raise
-    summary["actors"] = infos
-    if progress:
-        print(f"mining {len(todo)} shards ({summary['shards_skipped']} already committed) with {n} actor(s) "
-              f"on {infos[0]['device']}, model {infos[0]['model']}, batch {infos[0]['batch_size']}", flush=True)
-
-    t_mine = time.perf_counter()  # excludes actor start-up (model load)
-    queue_: list[tuple[ShardRef, int]] = [(r, 1) for r in todo]
-    running: dict = {}
-    free = list(range(n))
-    done_count = 0
-
-    def dispatch():
-        while free and queue_:
-            i = free.pop(0)
-            ref, attempt = queue_.pop(0)
-            running[actors[i].mine_shard.remote(ref, output_root)] = (i, ref, attempt)
-
-    dispatch()
-    while running:
-        ready, _ = ray.wait(list(running), num_returns=1)
-        fut = ready[0]
-        i, ref, attempt = running.pop(fut)
-        free.append(i)
-        try:
-            rec = ray.get(fut)
-        except Exception as e:  # noqa: BLE001 - actor death, task error: retry the whole shard
-            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            if attempt < max_attempts:
-                log.warning("shard %s attempt %d failed (%s); retrying", ref.uri, attempt, reason)
-                if progress:
-                    print(f"  retry {attempt + 1}/{max_attempts}: {ref.uri} ({reason[:200]})", flush=True)
-                time.sleep(min(2 ** attempt * 0.5, 10))
-                queue_.append((ref, attempt + 1))
-            else:
-                _fail_record(output_root, cfg, ref, reason, attempt)
-                summary["shards_failed"] += 1
-                summary["errors"] += 1
-                summary["failed"].append({"shard": ref.uri, "reason": reason})
-                if progress:
-                    print(f"  FAILED after {attempt} attempts: {ref.uri}: {reason[:300]}", flush=True)
-            dispatch()
-            continue
-        dispatch()
-        done_count += 1
-        summary["shards_mined"] += 1
-        summary["images"] += rec["num_images"]
-        summary["patches"] += rec["num_patches"]
-        summary["errors"] += rec["num_errors"]
-        for k, v in rec.get("stage_s", {}).items():
-            summary["stage_s"][k] += v
-        summary["forward_s"] = summary.get("forward_s", 0.0) + rec.get("forward_s", 0.0)
-        summary["host_s"] = summary.get("host_s", 0.0) + rec.get("host_s", 0.0)
-        if progress:
-            el = time.perf_counter() - t0
-            print(f"  [{done_count}/{len(todo)}] {rec['shard_key']}: {rec['num_images']} images, {rec['num_patches']} patches, "
-                  f"{rec['num_errors']} errors in {rec['wall_s']:.1f} s | total {summary['images']} images, "
-                  f"{summary['images'] / el:.2f} images/s", flush=True)
-    for a in actors:
-        ray.kill(a)
-    wall = time.perf_counter() - t0
-    summary["stage_s"] = {k: round(v, 3) for k, v in summary["stage_s"].items()}
-    mine_wall = time.perf_counter() - t_mine
-    summary.update(wall_s=round(wall, 3), images_per_s=round(summary["images"] / wall, 3),
-                   patches_per_s=round(summary["patches"] / wall, 3), startup_s=round(t_mine - t0, 3),
-                   mining_wall_s=round(mine_wall, 3), num_actors=n)
-    return summary
-
-
-def format_summary(s: dict) -> str:
-    """One human-readable summary block for the end of a run."""
-    lines = [
-        f"run {s['run_id']} (date {s['date']}): {s['shards_mined']} shards mined, {s['shards_skipped']} skipped "
-        f"(already committed), {s['shards_failed']} failed of {s['shards_total']}",
-        f"images {s['images']}, patches {s['patches']}, errors {s['errors']}, wall {s['wall_s']:.1f} s, "
-        f"{s['images_per_s']:.2f} images/s, {s['patches_per_s']:.1f} patches/s",
-    ]
-    if s.get("stage_s"):
-        lines.append("actor time per stage (s, summed over shards): " + ", ".join(f"{k} {v:.1f}" for k, v in s["stage_s"].items()))
-    return "\n".join(lines)
+        return getattr(driver, name)
+    raise AttributeError(name)

@@ -88,8 +88,9 @@ def list_shards(spec: str, *, images_per_dir_shard: int = DEFAULT_IMAGES_PER_DIR
     """Resolve an input spec to shards, sorted by URI, with a fresh (uncached) listing.
 
     Args:
-        spec: a tar/parquet file, a directory or prefix (tar/parquet files in it are shards;
-            otherwise its image files are chunked into ``dir`` shards), a glob
+        spec: a tar/parquet file, a directory or prefix (tar/parquet files in it are shards,
+            and its loose image files are chunked into ``dir`` shards; a folder holding both
+            is mined completely), a glob
             (``/data/*.tar``, ``s3://bucket/night/*.tar``), or several of these joined by commas.
         images_per_dir_shard: frames per ``dir`` shard.
     Returns:
@@ -130,15 +131,14 @@ def list_shards(spec: str, *, images_per_dir_shard: int = DEFAULT_IMAGES_PER_DIR
             continue
         entries = [e for e in fs.find(path, maxdepth=None) if not posixpath.basename(e).startswith((".", "_"))]
         shard_files = sorted(e for e in entries if _kind_of(e))
-        if shard_files:
-            for m in shard_files:
-                refs[to_uri(fs, m)] = ShardRef(to_uri(fs, m), _kind_of(m))
-        else:
-            image_files = [e for e in entries if e.lower().endswith(IMAGE_EXTS)]
-            if not image_files:
-                raise FileNotFoundError(f"no shards (.tar, .parquet) or images ({', '.join(IMAGE_EXTS)}) under {part!r}")
-            for r in _dir_shards(fs, path, image_files, images_per_dir_shard):
-                refs[r.uri] = r
+        image_files = [e for e in entries if e.lower().endswith(IMAGE_EXTS)]
+        if not shard_files and not image_files:
+            raise FileNotFoundError(f"no shards (.tar, .parquet) or images ({', '.join(IMAGE_EXTS)}) under {part!r}")
+        for m in shard_files:
+            refs[to_uri(fs, m)] = ShardRef(to_uri(fs, m), _kind_of(m))
+        # loose images next to tar/parquet shards are mined too (chunked into dir shards)
+        for r in _dir_shards(fs, path, image_files, images_per_dir_shard) if image_files else ():
+            refs[r.uri] = r
     return [refs[k] for k in sorted(refs)]
 
 
