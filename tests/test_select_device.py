@@ -311,18 +311,28 @@ def test_greedy_port_equals_numpy(seed):
 
 
 # ------------------------------------------------------------------ learned rankers, real frames
+_LEARNED: dict = {}
+
+
 def _learned(name):
-    try:
-        if name == "ltrp":
-            return get_backend("ltrp", random_init=True, arch="tiny-test", device="cpu")
-        return get_backend("simplenet", allow_random=True, encoder="resnet", device="cpu", batch_size=8)
-    except (ImportError, RuntimeError, OSError) as e:  # timm / model code unavailable
-        pytest.skip(f"{name} backend unavailable: {e}")
+    """Tiny / random-weight learned backends on the CPU, built once per test session."""
+    if name not in _LEARNED:
+        torch.manual_seed(0)
+        try:
+            if name == "ltrp":
+                _LEARNED[name] = get_backend(name, random_init=True, arch="tiny-test", device="cpu")
+            elif name == "kpp":  # greedy MAE selection: keep few tokens (4 of 196) to stay fast
+                _LEARNED[name] = get_backend(name, random_init=True, arch="tiny-test", device="cpu", ratio=0.02)
+            else:
+                _LEARNED[name] = get_backend("simplenet", allow_random=True, encoder="resnet", device="cpu",
+                                             batch_size=8)
+        except (ImportError, RuntimeError, OSError) as e:  # timm / model code unavailable
+            pytest.skip(f"{name} backend unavailable: {e}")
+    return _LEARNED[name]
 
 
 @pytest.mark.parametrize("backend_name", ["ltrp", "simplenet"])
 def test_parity_learned_rankers_same_maps(frames, backend_name):
-    torch.manual_seed(0)
     be = CachedMaps(_learned(backend_name))
     imgs = [frames[0], frames[1]]
     presets = ("hierarchical-pooled", "hierarchical-filtered", "multisize-filtered")
@@ -349,3 +359,66 @@ def test_parity_gtsdb_spectral_residual_ms():
         got = select_patches_torch(_t(imgs), cfg, be)  # default predict_tensors: host round trip
         _assert_same(ref, got)
         assert all(len(s) >= 10 for s in ref) and len({s.boxes.tobytes() for s in ref}) == len(ref)
+
+
+# ------------------------------------------------------------------ device-native learned backends
+@pytest.mark.parametrize("backend_name", ["ltrp", "kpp"])
+def test_token_backends_predict_tensors(frames, backend_name):
+    """Token rankers on the device: same maps as predict_batch when views are shrunk (INTER_AREA
+    is reproduced exactly); nearly the same when a small crop is enlarged."""
+    be = _learned(backend_name)
+    assert be.device_native
+    imgs = [frames[0], frames[1][:, :224], frames[0][:150, :120]]  # the last one is enlarged
+    if backend_name == "ltrp":
+        imgs.insert(1, frames[4])
+    ref = be.predict_batch(imgs)
+    got = be.predict_tensors(_t(imgs))
+    for a, b in zip(ref, got):
+        assert b.dtype == torch.float32 and tuple(b.shape) == a.shape and b.device.type == "cpu"
+    for a, b in zip(ref[:-1], got[:-1]):
+        np.testing.assert_array_equal(b.numpy(), a)
+        assert a.max() > 0.5 and (a == 0).mean() > 0.3  # kept tokens and dropped ones
+    assert (got[-1].numpy() == ref[-1]).mean() > 0.8
+    assert be.predict_tensors([]) == []
+
+
+def test_simplenet_predict_tensors(frames):
+    be = _learned("simplenet")
+    assert be.device_native
+    imgs = [frames[0], frames[2], frames[1]]
+    ref = be.predict_batch(imgs)
+    got = be.predict_tensors(_t(imgs))
+    for a, b in zip(ref, got):
+        b = b.numpy()
+        assert b.shape == a.shape and b.dtype == np.float32 and b.min() >= 0 and b.max() <= 1
+        assert np.abs(a - b).max() < 0.05 and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
+    with pytest.raises(ValueError):
+        be.predict_tensors([torch.zeros((3, 8, 8))])
+
+
+@pytest.mark.parametrize("backend_name", ["ltrp", "simplenet"])
+def test_select_with_device_native_backends(frames, backend_name):
+    """The selector on a device-native learned backend: runs, non-trivial, and equals numpy on the
+    maps that predict_tensors produced (replayed through predict_batch)."""
+    inner = _learned(backend_name)
+    imgs = [frames[0], frames[4]] if backend_name == "ltrp" else [frames[0]]  # ResNet-50 on CPU: one frame
+    cfg = get_preset("hierarchical-pooled")
+    got = select_patches_torch(_t(imgs), cfg, inner)
+    assert all(len(s) >= 10 for s in got)
+
+    class Replay(SaliencyBackend):  # predict_tensors' maps, keyed by crop pixels, for both selectors
+        name = "replay-test"
+
+        def predict_tensors(self, images):
+            maps = inner.predict_tensors(images)
+            for t, m in zip(images, maps):
+                cache[CachedMaps.key(t.permute(1, 2, 0).numpy())] = m.numpy()
+            return maps
+
+        def predict_batch(self, images):
+            return [cache[CachedMaps.key(im)] for im in images]
+
+    cache: dict = {}
+    replay = Replay()
+    got = select_patches_torch(_t(imgs), cfg, replay)
+    _assert_same(select_patches_batch(imgs, cfg, replay, device="cpu"), got)

@@ -76,6 +76,45 @@ def images_to_views(images: Sequence[np.ndarray], size: int, device):
     return (x - mean) / std
 
 
+def tensors_to_views(images, size: int, device):
+    """Torch version of :func:`images_to_views` for device-resident ``(3, H, W)`` uint8 tensors.
+
+    Images are batched by shape and resized to ``size x size`` on ``device`` as OpenCV does it
+    in :func:`images_to_views`: INTER_AREA when shrinking (exact weights,
+    :func:`mining.saliency.torch_ops.resize_area`), bilinear with ``align_corners=False``
+    (INTER_LINEAR's sample positions; OpenCV's fixed-point rounding may differ by one
+    level) when enlarging, rounded to uint8 levels; then scaled to [0, 1] and
+    ImageNet-normalised.
+
+    Returns:
+        ``(B, 3, size, size)`` float32 tensor on ``device``.
+    Raises:
+        ValueError: an image is not a ``(3, H, W)`` uint8 tensor with H, W >= 1.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from mining.ranking.mae import IMAGENET_MEAN, IMAGENET_STD
+    from mining.saliency import torch_ops as T
+
+    for t in images:
+        if not torch.is_tensor(t) or t.dim() != 3 or t.shape[0] != 3 or t.dtype != torch.uint8 or min(t.shape) < 1:
+            raise ValueError(f"expected (3, H, W) uint8 tensors, got {tuple(getattr(t, 'shape', ()))}")
+    x = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=device)
+    for (h, w), idx in T.group_by_shape(images).items():
+        batch = torch.stack([images[i] for i in idx]).to(device)
+        if min(h, w) >= size:
+            v = T.resize_area(batch, (size, size), to_u8=True).float()
+        else:
+            v = F.interpolate(batch.float(), size=(size, size), mode="bilinear", align_corners=False)
+            v = v.round_().clamp_(0, 255)
+        x[torch.tensor(idx, device=device)] = v
+    x.div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def render_token_map(values: np.ndarray, height: int, width: int) -> np.ndarray:
     """Upsample a ``(g, g)`` float token map to ``(height, width)`` float32 in [0, 1] (nearest)."""
     import cv2
@@ -116,6 +155,52 @@ class _TokenBackend(SaliencyBackend):
     def token_values(self, images: Sequence[np.ndarray]) -> np.ndarray:  # pragma: no cover - abstract
         """``(B, g, g)`` float32 rendered token values in [0, 1]."""
         raise NotImplementedError
+
+    def token_values_views(self, x):  # pragma: no cover - abstract
+        """``(B, g, g)`` float32 token values in [0, 1] as a tensor on the device, from normalised views."""
+        raise NotImplementedError
+
+    device_native = True
+
+    def predict_tensors(self, images):
+        """Score maps of device-resident images, all in torch on the model's device (issue 13).
+
+        :meth:`predict_batch` as torch ops: views by :func:`tensors_to_views`, token values by
+        :meth:`token_values_views` (``batch_size`` views per forward), the ``g x g`` grid
+        upsampled to each image's size with ``F.interpolate(mode="nearest")`` (OpenCV's
+        INTER_NEAREST indices: token-exact boundaries, as :func:`render_token_map`). Equal to
+        :meth:`predict_batch` for images of at least ``img_size`` px a side (INTER_AREA is
+        exact); smaller ones are enlarged bilinearly, where OpenCV's fixed-point rounding can
+        move a view pixel by one level and so the ranking of nearly tied tokens.
+
+        Args:
+            images: ``(3, H_i, W_i)`` uint8 RGB tensors (views are fine), all on one device.
+        Returns:
+            one ``(H_i, W_i)`` float32 tensor in [0, 1] per image, on the images' device.
+        Raises:
+            ValueError: an image is not a ``(3, H, W)`` uint8 tensor.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        from mining.saliency import torch_ops as T
+
+        images = list(images)
+        if not images:
+            return []
+        with torch.inference_mode():
+            vals = torch.cat([
+                self.token_values_views(tensors_to_views(images[s:s + self.batch_size], self.img_size, self.device))
+                for s in range(0, len(images), self.batch_size)
+            ])
+        vals = vals.float().clamp(0.0, 1.0)
+        out = [None] * len(images)
+        for (h, w), idx in T.group_by_shape(images).items():  # one upsampling per distinct shape
+            sel = torch.tensor(idx, device=vals.device)
+            up = F.interpolate(vals[sel][:, None], size=(h, w), mode="nearest")[:, 0]
+            for i, m in zip(idx, up):
+                out[i] = m.to(images[i].device)
+        return out
 
 
 @register_backend("ltrp")
@@ -173,12 +258,19 @@ class LTRPBackend(_TokenBackend):
         return s.float(), x
 
     def token_values(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        x = images_to_views(images, self.img_size, self.device)
+        return self.token_values_views(x).cpu().numpy()
+
+    def token_values_views(self, x):
+        """``(B, g, g)`` float32 tensor: kept tokens ``0.5 + 0.5 * rank quality``, others 0 (module docstring)."""
         import torch
 
         from mining.ranking.dpc_knn import select_tokens
         from mining.ranking.mae import patchify
 
-        s, x = self.scores(images)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            s = self.model(x)
+        s = s.float()
         with torch.inference_mode():
             top, homog = select_tokens(s, patchify(x, self.model.cfg.patch_size), self.keep,
                                        self.homogeneous_ratio, self.dpc_k)
@@ -186,7 +278,7 @@ class LTRPBackend(_TokenBackend):
             rank = torch.argsort(torch.argsort(s, dim=1, descending=True), dim=1).float()  # 0 = best
             q = 1.0 - rank / max(1, n - 1)
             vals = torch.where(top | homog, 0.5 + 0.5 * q, torch.zeros_like(q))
-        return vals.reshape(-1, self.grid, self.grid).float().cpu().numpy()
+        return vals.reshape(-1, self.grid, self.grid).float()
 
 
 @register_backend("kpp")
@@ -244,4 +336,18 @@ class KPPBackend(_TokenBackend):
         vals = np.zeros((b, self.mae.num_patches), np.float32)
         q = 1.0 - np.arange(k, dtype=np.float32) / max(1, k)
         np.put_along_axis(vals, order.cpu().numpy(), 0.5 + 0.5 * q[None, :], axis=1)
+        return vals.reshape(b, self.grid, self.grid)
+
+    def token_values_views(self, x):
+        """``(B, g, g)`` float32 tensor on the device: i-th selected token ``0.5 + 0.5 * (1 - i / k)``, others 0."""
+        import torch
+
+        from mining.ranking.kpp import kpp_select
+
+        with torch.inference_mode():
+            order = kpp_select(self.mae, x, self.keep, max_batch=self.max_batch)  # (B, k)
+            b, k = order.shape
+            q = 1.0 - torch.arange(k, dtype=torch.float32, device=order.device) / max(1, k)
+            vals = torch.zeros((b, self.mae.num_patches), dtype=torch.float32, device=order.device)
+            vals.scatter_(1, order.long(), (0.5 + 0.5 * q)[None, :].expand(b, k).contiguous())
         return vals.reshape(b, self.grid, self.grid)

@@ -273,3 +273,46 @@ class SimpleNetSaliency(SaliencyBackend):
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         return self.predict_batch([image])[0]
+
+    device_native = True
+
+    @torch.no_grad()
+    def predict_tensors(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Saliency maps of device-resident images, all in torch on the model's device (issue 13).
+
+        The :meth:`predict_batch` pipeline as torch ops: each image resized to 256 x 256
+        (``F.interpolate`` bilinear, ``align_corners=False``: OpenCV's INTER_LINEAR sample
+        positions, rounded to uint8 levels as cv2 does), normalised with mean 0.5 / std 0.5,
+        one forward per ``batch_size`` images, every map upsampled to its image's size
+        (bilinear, ``align_corners=False``) and min-max normalised (a constant map -> zeros).
+        Equal to :meth:`predict_batch` up to interpolation rounding.
+
+        Args:
+            images: (3, H_i, W_i) uint8 RGB tensors (views are fine), all on one device.
+        Returns:
+            one (H_i, W_i) float32 tensor in [0, 1] per image, on the images' device.
+        Raises:
+            ValueError: an image is not a (3, H, W) uint8 tensor with H, W >= 1.
+        """
+        from mining.saliency import torch_ops as T
+
+        images = list(images)
+        for t in images:
+            if not torch.is_tensor(t) or t.dim() != 3 or t.shape[0] != 3 or t.dtype != torch.uint8 or min(t.shape) < 1:
+                raise ValueError(f"expected (3, H, W) uint8 tensors, got {tuple(getattr(t, 'shape', ()))}")
+        if not images:
+            return []
+        groups = T.group_by_shape(images)
+        x = torch.empty((len(images), 3, INPUT_SIZE, INPUT_SIZE), dtype=torch.float32, device=self.device)
+        for idx in groups.values():  # one resize per distinct input shape
+            batch = torch.stack([images[i] for i in idx]).to(self.device, torch.float32)
+            small = F.interpolate(batch, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+            x[torch.tensor(idx, device=self.device)] = (small.round_().clamp_(0, 255) / 255.0 - 0.5) / 0.5
+        maps = torch.cat([self.model(x[s:s + self.batch_size]).float() for s in range(0, len(images), self.batch_size)])
+        out: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
+        for (h, w), idx in groups.items():  # one upsampling per distinct output shape
+            sel = torch.tensor(idx, device=self.device)
+            up = F.interpolate(maps[sel][:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+            for i, m in zip(idx, T.normalize_maps(up)):
+                out[i] = m.to(images[i].device)
+        return out
