@@ -38,6 +38,8 @@ fi
 
 echo "== device-path parity tests on CUDA"
 MINING_TEST_DEVICE=cuda timeout 300 python -m pytest -q -x tests/test_saliency_device.py tests/test_select_device.py 2>&1 | tail -3 || true
+echo "== CUDA data path tests (nvJPEG batches, streams, pinned copies, bf16 batches)"
+timeout 300 python -m pytest -q tests/test_batcher.py tests/test_mine_batched.py -k cuda 2>&1 | tail -3 || true
 
 echo "== throughput: ViT-B-16 (random init, bf16), ${REPEAT}x the GTSDB frames, one GPU actor"
 timeout 420 python benchmarks/throughput.py --data "$DATA" --device cuda --model ViT-B-16 --repeat "$REPEAT" \

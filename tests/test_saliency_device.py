@@ -139,3 +139,19 @@ def test_sr_bms_device_maps_equal_reference_on_a_real_frame():
         # which moves a boolean map's edge there: a local difference of a few 1e-4
         assert np.abs(o.cpu().numpy() - r).max() < 2e-3
         assert np.abs(o.cpu().numpy() - r).mean() < 1e-5
+
+
+def test_default_selection_end_to_end_same_boxes_on_a_real_frame():
+    """The mining default (hierarchical-pooled + sr-bms) through the device path (device-native
+    saliency maps + the torch selector) picks exactly the reference's boxes on a real frame."""
+    from mining.select_device import select_frames
+    from mining.selection import DEFAULT_PRESET, DEFAULT_SALIENCY, get_preset
+
+    path = gtsdb_images(2)[1]
+    img = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    cfg, b = get_preset(DEFAULT_PRESET), get_backend(DEFAULT_SALIENCY)
+    ref = select_frames([_t(img).cpu()], cfg, b, impl="numpy")[0]
+    dev = select_frames([_t(img)], cfg, b, impl="torch")[0]
+    assert len(ref.boxes) == 35
+    assert np.array_equal(ref.boxes, dev.boxes) and np.array_equal(ref.levels, dev.levels)
+    assert np.abs(ref.scores - dev.scores).max() < 1e-4

@@ -7,6 +7,7 @@ Eq. 3.1/3.2, Algorithm 2, hierarchy §3.1.3), scores to float32 rounding.
 from __future__ import annotations
 
 import hashlib
+import os
 
 import cv2
 import numpy as np
@@ -134,8 +135,12 @@ def _tie_frame(h, w):
     return im
 
 
+# CPU here and in CI; benchmarks/gpu_check.sh runs these with MINING_TEST_DEVICE=cuda
+DEV = torch.device(os.environ.get("MINING_TEST_DEVICE", "cpu"))
+
+
 def _t(images):
-    return [torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))) for im in images]
+    return [torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))).to(DEV) for im in images]
 
 
 def _assert_same(ref, got, exact_scores=True):
