@@ -153,7 +153,7 @@ def _dispatch_loop(ray, actors, opts, todo, output_root, cfg, summary, *, max_at
     from ray.exceptions import RayActorError
 
     n = len(actors)
-    want = {k.replace("num_", "").upper(): v for k, v in opts.items() if v}
+    want = {{"num_cpus": "CPU", "num_gpus": "GPU"}[k]: v for k, v in opts.items() if v}
     futs: dict = {a.info.remote(): ("ready", i, None, 0) for i, a in enumerate(actors)}
     pending = set(range(n))            # not yet answered info() once
     free: list[int] = []

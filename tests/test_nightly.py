@@ -7,6 +7,7 @@ give identical embeddings) and asks for one GPU per actor on a head started with
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -63,7 +64,7 @@ def test_actor_killed_mid_shard_is_retried_without_duplicates(ray_head, tmp_path
     night = _tar_night(tmp_path / "in", n_shards=2, per_shard=6)
     out = str(tmp_path / "out")
     env = dict(os.environ, RAY_ADDRESS=ray_head.address, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "jobs.mine", "--input", night, "--output", out, *TINY],
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "jobs.mine", "--input", night, "--output", out, *TINY, "--json"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     import ray
@@ -73,7 +74,7 @@ def test_actor_killed_mid_shard_is_retried_without_duplicates(ray_head, tmp_path
     try:
         for line in proc.stdout:  # wait until the actor is mining
             lines.append(line)
-            if line.startswith("mining "):
+            if "ready" in line and "mining" in line:
                 break
         time.sleep(1.0)  # inside the first shard (6 frames take several seconds)
         alive = list_actors(address=ray_head.dashboard,
@@ -89,6 +90,9 @@ def test_actor_killed_mid_shard_is_retried_without_duplicates(ray_head, tmp_path
     log = "".join(lines)
     assert proc.returncode == 0, log
     assert "retry 2/3" in log, log
+    # issue 16: attempts are per shard: the killed shard took 2, the restart cost no other shard a try
+    summary = json.loads(log.strip().splitlines()[-1])
+    assert list(summary["attempts"].values()) == [2], summary["attempts"]
     recs = read_ledger(out)
     assert len(recs) == 2
     t = open_patches(out).to_table()
