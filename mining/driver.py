@@ -150,7 +150,7 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
 def _dispatch_loop(ray, actors, opts, todo, output_root, cfg, summary, *, max_attempts, progress, counter,
                    startup_timeout, pending_report_s, progress_every_s, t0) -> None:
     """Start-up and dispatch: see the module docstring. Fills ``summary`` in place."""
-    from ray.exceptions import RayActorError
+    from ray.exceptions import ActorUnavailableError, RayActorError
 
     n = len(actors)
     want = {{"num_cpus": "CPU", "num_gpus": "GPU"}[k]: v for k, v in opts.items() if v}
@@ -165,14 +165,19 @@ def _dispatch_loop(ray, actors, opts, todo, output_root, cfg, summary, *, max_at
     last_pending = t_start
     last_progress = t_start
     t_mine = None
+    alive = set(range(n))               # not dead for good
+    probes: list[tuple[float, int]] = []  # (when, actor): readiness probes of restarting actors
     while queue or any(kind == "shard" for kind, *_ in futs.values()):
         now = time.perf_counter()
+        for due in [p for p in probes if p[0] <= now]:
+            probes.remove(due)
+            futs[actors[due[1]].info.remote()] = ("ready", due[1], None, 0)
         while free and queue and queue[0][0] <= now:
             _, ref, attempt = queue.pop(0)
             i = free.pop(0)
             futs[actors[i].mine_shard.remote(ref, output_root)] = ("shard", i, ref, attempt)
-        if not futs:                   # only back-off waits left
-            time.sleep(min(0.5, max(0.0, queue[0][0] - now)))
+        if not futs:                   # only back-off / probe waits left
+            time.sleep(0.2)
             continue
         ready, _ = ray.wait(list(futs), num_returns=1, timeout=1.0)
         now = time.perf_counter()
@@ -196,14 +201,18 @@ def _dispatch_loop(ray, actors, opts, todo, output_root, cfg, summary, *, max_at
         if kind == "ready":
             try:
                 info = ray.get(fut)
+            except ActorUnavailableError:  # restarting: ask again shortly
+                probes.append((time.perf_counter() + 0.5, i))
+                continue
             except Exception as e:  # noqa: BLE001 - constructor failed or actor gone for good
                 ue = user_error(e)
                 if ue is not None:
                     raise ue from None  # weights / settings: one line, before any more shards
                 pending.discard(i)
+                alive.discard(i)
                 log.warning("mining actor %d is gone: %s", i, _reason(e))
-                if not pending and not free and not any(k == "shard" for k, *_ in futs.values()):
-                    raise RuntimeError(f"every mining actor failed to start; last error: {_reason(e)}") from None
+                if not alive:
+                    raise RuntimeError(f"every mining actor failed; last error: {_reason(e)}") from None
                 continue
             if i in pending:
                 pending.discard(i)
@@ -224,9 +233,9 @@ def _dispatch_loop(ray, actors, opts, todo, output_root, cfg, summary, *, max_at
         except Exception as e:  # noqa: BLE001 - task error or actor death: charge this shard only
             reason = _reason(e)
             summary["attempts"][ref.uri] = attempt
-            if isinstance(e, RayActorError):
+            if isinstance(e, (RayActorError, ActorUnavailableError)):
                 # restarted by Ray; new work only once it answers again (a restart is charged to no other shard)
-                futs[actors[i].info.remote()] = ("ready", i, None, 0)
+                probes.append((time.perf_counter() + 0.5, i))
             else:
                 free.append(i)
             if attempt < max_attempts:
