@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Build the FAISS patch index from the committed shards of a mining store.")
+    ap = argparse.ArgumentParser(prog="python -m jobs.build_index",
+                                 description="Build the FAISS patch index from the committed shards of a mining store.")
     ap.add_argument("--data", required=True, help="mining store root (local path or s3://...)")
     ap.add_argument("--out", required=True, help="index root (local directory): versions/<v>/ + CURRENT")
     ap.add_argument("--kind", default=None, choices=["auto", "flat", "hnsw", "ivfpq", "ivfpq-refine", "sq8"])
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", type=int, default=None, help="parallel add parts (default: Ray cluster CPUs)")
     ap.add_argument("--merge", default="auto", choices=["auto", "memory", "ondisk"])
     ap.add_argument("--update", action="store_true", help="nightly: add new shards with frozen codebooks (or retrain)")
-    ap.add_argument("--address", default=None, help="Ray address (ray://host:10001 or host:6379); default: local ray.init()")
+    ap.add_argument("--address", default=None, help="Ray address (ray://host:10001 or host:6379); default: RAY_ADDRESS, else a new local Ray on 127.0.0.1")
     ap.add_argument("--no-ray", action="store_true", help="run the add parts in this process")
     args = ap.parse_args(argv)
 
@@ -38,14 +38,9 @@ def main(argv=None) -> int:
 
     use_ray = False
     if not args.no_ray:
-        # token auth explicit (../shared/NOTES.md): a bare local ray.init() may enable it and write ~/.ray
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        import ray
+        from mining.connect import connect
 
-        if args.address:
-            ray.init(address=args.address)
-        else:
-            ray.init(include_dashboard=False)
+        connect(args.address)
         use_ray = True
     budget = parse_bytes(args.memory_budget)
     if args.update:

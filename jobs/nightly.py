@@ -12,10 +12,10 @@ import argparse
 import json
 import sys
 
-from jobs._common import add_clip_args, add_runtime_args, add_selection_args, mine_config, runtime_kwargs, setup_logging
+from jobs._common import add_clip_args, add_runtime_args, add_selection_args, fail, mine_config, runtime_kwargs, setup_logging
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.nightly", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="the night's shards: prefix, glob or files (local or s3://)")
     p.add_argument("--output", required=True, help="dataset root (local or s3://)")
@@ -26,19 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     add_selection_args(p)
     add_clip_args(p)
     add_runtime_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging()
 
-    from mining.embed import WeightsError
     from mining.nightly import format_nightly, run_nightly
 
     cfg = mine_config(args)
     try:
         s = run_nightly(args.input, args.output, cfg, index_root=args.index, reload_actor=not args.no_reload,
                         **runtime_kwargs(args))
-    except (WeightsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - user errors become one line + exit 2, others propagate
+        return fail(e)
     print(format_nightly(s))
     if args.json:
         print(json.dumps({k: v for k, v in s.items() if k != "actors"}, default=str))

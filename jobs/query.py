@@ -32,7 +32,6 @@ import csv
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -329,27 +328,13 @@ def _run_local(args, method, pargs, kw):
 def _run_actor(args, method, pargs, kw):
     import ray
 
+    from mining.connect import connect
     from mining.query_actor import ACTOR_NAME, NAMESPACE, get_actor
 
     ns = args.namespace or NAMESPACE
     if args.clip_model or args.clip_pretrained or args.clip_random_init:
         print("note: CLIP options are fixed by the running actor (jobs.serve_query); ignored here", file=sys.stderr)
-    if args.address.startswith("ray://"):
-        # Ray client: the work stays in the cluster, this process only calls the named actor.
-        # The head starts a per-client server process; on a loaded head that start can fail
-        # transiently ("Starting Ray client server failed"), so connecting is retried.
-        for attempt in range(1, 4):
-            try:
-                ray.init(args.address, namespace=ns, logging_level="WARNING")
-                break
-            except ConnectionError as e:
-                if attempt == 3:
-                    raise
-                print(f"note: Ray client connection failed ({str(e).strip().splitlines()[-1][:200]}); "
-                      f"retrying ({attempt}/3)", file=sys.stderr)
-                time.sleep(2 * attempt)
-    else:
-        ray.init(address=args.address, namespace=ns, logging_level="WARNING", log_to_driver=False)
+    connect(args.address, namespace=ns, log_to_driver=False)  # ray://: the work stays in the cluster
     try:
         actor = get_actor(args.actor_name or ACTOR_NAME, ns)
         if method == "campaign":

@@ -48,13 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import ray
 
+    from mining.connect import connect
     from mining.query_actor import ACTOR_NAME, NAMESPACE, get_actor, start_actor, stop_actor
 
     name, ns = args.name or ACTOR_NAME, args.namespace or NAMESPACE
-    if args.address and args.address.startswith("ray://"):
-        ray.init(args.address, namespace=ns)
-    else:
-        ray.init(address=args.address, namespace=ns, logging_level="WARNING")
+    connect(args.address, namespace=ns)
     try:
         if args.stop:
             ok = stop_actor(name, ns)

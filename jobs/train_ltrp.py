@@ -365,24 +365,13 @@ def find_latest_checkpoint(storage_path: str, name: str) -> str | None:
     return best
 
 
-def _ray_init(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address is None:
-        # a local cluster started by this job: no token auth and no ~/.ray/auth_token unless asked for
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False)
-    else:
-        ray.init(address=address)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the job; returns ``{"checkpoint": path, "metrics": {...}}`` of the final result."""
     args = parse_args(argv)
     images = list_images(args.data)
-    _ray_init(args.address)
+    from mining.connect import connect
+
+    connect(args.address, quiet=False)
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

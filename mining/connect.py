@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 
 LOCAL_IP = "127.0.0.1"
 
 
 def connect(address: str | None = None, *, namespace: str | None = None, runtime_env: dict | None = None,
-            quiet: bool = True, log_to_driver: bool = True, num_cpus: int | None = None) -> None:
+            quiet: bool = True, log_to_driver: bool = True, num_cpus: int | None = None,
+            client_retries: int = 3) -> None:
     """``ray.init`` once per process (a no-op when already connected).
 
     Args:
@@ -26,6 +29,7 @@ def connect(address: str | None = None, *, namespace: str | None = None, runtime
         quiet: Ray's own logging at WARNING (no banner).
         log_to_driver: show actors' stdout/stderr here.
         num_cpus: CPUs of a *new local* Ray (ignored when connecting to a cluster).
+        client_retries: tries for a ``ray://`` connection (2 s, 4 s between them).
     Raises:
         ConnectionError: the cluster at ``address`` cannot be reached.
     """
@@ -39,6 +43,20 @@ def connect(address: str | None = None, *, namespace: str | None = None, runtime
     if runtime_env:
         kw["runtime_env"] = runtime_env
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith("ray://"):
+        # Ray client: the head starts a per-client server process; on a loaded head that start can
+        # fail transiently ("Starting Ray client server failed"), so connecting is retried.
+        kw.pop("log_to_driver", None)
+        for attempt in range(1, client_retries + 1):
+            try:
+                ray.init(address, **kw)
+                return
+            except ConnectionError as e:
+                if attempt == client_retries:
+                    raise
+                print(f"note: Ray client connection failed ({str(e).strip().splitlines()[-1][:200]}); "
+                      f"retrying ({attempt}/{client_retries})", file=sys.stderr)
+                time.sleep(2 * attempt)
     if address:
         ray.init(address=address, **kw)
         return

@@ -10,28 +10,10 @@ from __future__ import annotations
 import logging
 import time
 
-from mining.pipeline import MineConfig, format_summary, run_mining
-from mining.shards import list_shards
+from mining.driver import format_summary, run_mining
+from mining.pipeline import MineConfig
 
 log = logging.getLogger(__name__)
-
-QUERY_ACTOR_NAME = "rare-object-query"
-QUERY_NAMESPACE = "mining"
-
-
-def reload_query_actor(timeout_s: float = 120.0) -> dict | None:
-    """Ask the named query actor (if running) to switch to the newest index version.
-
-    Returns its reply, or None when no query actor is running. Needs a connected Ray.
-    """
-    import ray
-
-    try:
-        actor = ray.get_actor(QUERY_ACTOR_NAME, namespace=QUERY_NAMESPACE)
-    except ValueError:
-        return None
-    return ray.get(actor.reload.remote(), timeout=timeout_s)
-
 
 def run_nightly(input_spec: str, output_root: str, cfg: MineConfig, *, index_root: str | None = None,
                 address: str | None = None, reload_actor: bool = True, index_kwargs: dict | None = None,
@@ -50,7 +32,9 @@ def run_nightly(input_spec: str, output_root: str, cfg: MineConfig, *, index_roo
     """
     t0 = time.perf_counter()
     cfg = cfg.resolved()
-    refs = list_shards(input_spec, images_per_dir_shard=mine_kwargs.pop("images_per_dir_shard", 64))
+    from mining.validate import list_input
+
+    refs = list_input(input_spec, mine_kwargs.pop("images_per_dir_shard", 64))
     summary = run_mining(input_spec, output_root, cfg, address=address, shards=refs, **mine_kwargs)
     summary["new_shards"] = summary["shards_total"] - summary["shards_skipped"]
     summary["nothing_to_do"] = summary["new_shards"] == 0
@@ -62,11 +46,14 @@ def run_nightly(input_spec: str, output_root: str, cfg: MineConfig, *, index_roo
         manifest = update_index(output_root, index_root, **(index_kwargs or {}))
         summary["index"] = {k: manifest.get(k) for k in ("version", "kind", "n", "changed", "retrained") if k in manifest}
         if manifest.get("changed") and reload_actor:
-            from mining.pipeline import _ray_init
+            from mining.connect import connect
+            from mining.query_actor import reload_actor
 
-            _ray_init(address)
+            connect(address)
             try:
-                summary["reloaded"] = reload_query_actor()
+                summary["reloaded"] = reload_actor(timeout_s=120.0, lookup_timeout_s=0)
+            except LookupError:
+                summary["reloaded"] = None          # no query actor running: nothing to reload
             except Exception as e:  # noqa: BLE001 - the night's data is committed; report, don't fail
                 summary["reloaded"] = {"error": f"{type(e).__name__}: {e}"}
     summary["wall_s"] = round(time.perf_counter() - t0, 3)

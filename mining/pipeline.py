@@ -59,9 +59,9 @@ from typing import Any
 import numpy as np
 
 from mining.decode import DEFAULT_MAX_PIXELS
-from mining.shards import ShardRef, list_shards
+from mining.shards import ShardRef
 from mining.stages import HOST_STAGES, STAGES, StageTimer
-from mining.store import ShardOutput, committed_shards, image_row, write_shard
+from mining.store import ShardOutput, image_row, write_shard
 
 log = logging.getLogger(__name__)
 

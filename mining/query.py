@@ -32,7 +32,6 @@ the engine stays usable.
 from __future__ import annotations
 
 import collections
-import io
 import json
 import logging
 import os

@@ -242,8 +242,15 @@ def stop_actor(name: str = ACTOR_NAME, namespace: str = NAMESPACE) -> bool:
 
 
 def reload_actor(version: str | None = None, name: str = ACTOR_NAME, namespace: str = NAMESPACE,
-                 timeout_s: float = 600) -> dict:
-    """Ask the running query actor to hot-swap to the newest index version (the nightly job calls this)."""
+                 timeout_s: float = 600, lookup_timeout_s: float = 30) -> dict:
+    """Ask the running query actor to hot-swap to the newest index version (the nightly job calls this).
+
+    Returns:
+        the actor's reply ``{"old", "new", "swapped", "load_s"}``.
+    Raises:
+        LookupError: no such actor within ``lookup_timeout_s`` seconds.
+        ray.exceptions.GetTimeoutError: no reply within ``timeout_s`` seconds.
+    """
     import ray
 
-    return ray.get(get_actor(name, namespace).reload.remote(version), timeout=timeout_s)
+    return ray.get(get_actor(name, namespace, timeout_s=lookup_timeout_s).reload.remote(version), timeout=timeout_s)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import warnings
 import xml.etree.ElementTree as ET
 import zipfile
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -77,7 +76,7 @@ def test_nightly_job_on_cluster_then_status_and_query_through_ray_client(ray_hea
     cli_env = {"RAY_ADDRESS": ray_head.address}
 
     # before the first night: status says so clearly (read in-process here, no Ray needed)
-    from jobs.status import collect, format_status
+    from mining.status import collect, format_status
 
     empty = collect(output, index)
     assert empty["nights"] == [] and empty["index"]["version"] is None, empty

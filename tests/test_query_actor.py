@@ -44,7 +44,7 @@ def _runtime_env(ray_head) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served(ray_head, query_dataset, tmp_path_factory):
+def served(ray_head, query_dataset, tmp_path_factory):  # noqa: F811 - the imported session fixture
     """Dataset + index, the actor started by a submitted serve job, and a driver connection."""
     import ray
     from ray.job_submission import JobSubmissionClient

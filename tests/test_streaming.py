@@ -55,7 +55,7 @@ def test_memory_stays_bounded_on_a_200_frame_shard(ray_client, tmp_path):
     small = write_tar_shard(str(tmp_path / "in20" / "s.tar"), [(f"f{i:04d}", {"jpg": src[i % 10]}) for i in range(20)])
     big = write_tar_shard(str(tmp_path / "in200" / "s.tar"), [(f"f{i:04d}", {"jpg": src[i % 10]}) for i in range(200)])
     cfg = MineConfig(**TINY, prefetch=4)
-    s20 = run_mining(small, str(tmp_path / "o20"), cfg, progress=False)
+    run_mining(small, str(tmp_path / "o20"), cfg, progress=False)
     s200 = run_mining(big, str(tmp_path / "o200"), cfg, progress=False)
     assert s200["images"] == 200
     rss20 = read_ledger(str(tmp_path / "o20"))[0]["peak_rss_mb"]

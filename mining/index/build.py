@@ -164,8 +164,9 @@ def _resolve_ray(use_ray: bool | None) -> bool:
     if use_ray is None:
         return ray.is_initialized()
     if use_ray and not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see ../shared/NOTES.md (token auth)
-        ray.init(include_dashboard=False)
+        from mining.connect import connect
+
+        connect()
     return bool(use_ray)
 
 
