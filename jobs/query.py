@@ -185,18 +185,6 @@ def _print_rows(table, as_json: bool) -> None:
         print(f"{r['rank']:>4}  {r['score']:>7.4f}  {box:<22}  {r['image_uri']}")
 
 
-def _unwrap_query_error(e: BaseException):
-    from mining.query import QueryError
-
-    seen = 0
-    while e is not None and seen < 5:
-        if isinstance(e, QueryError):
-            return e
-        e = getattr(e, "cause", None) or e.__cause__
-        seen += 1
-    return None
-
-
 def _settings_error(args) -> str | None:
     if not any(x is not None for x in (args.text, args.image, args.examples, args.embedding)) and not args.campaign:
         return "give a query (--text, --image, --examples or --embedding) or --campaign NAME"
@@ -243,10 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except Exception as e:
-        qe = _unwrap_query_error(e)
+        from mining.errors import user_error
+
+        qe = user_error(e)  # QueryError / WeightsError ... through ray:// and jobs (RayTaskError.cause)
         if qe is None:
             raise
-        print(f"error: bad query: {qe}", file=sys.stderr)
+        print(f"error: bad query: {qe}" if type(qe).__name__ == "QueryError" else f"error: {qe}", file=sys.stderr)
         return 2
     from mining.query import query_info, timings_of
 
