@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="patches per CLIP forward")
     p.add_argument("--images-per-shard", type=int, default=64)
     p.add_argument("--parity-limit", type=int, default=None, help="annotated frames for parity (default: 300 on cuda, 12 on cpu)")
-    p.add_argument("--cost-frames", type=int, default=4, help="frames counted for FLOPs / bytes")
+    p.add_argument("--cost-frames", type=int, default=16, help="frames counted for FLOPs / bytes (one device batch)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: mine, parity, costs")
     args = p.parse_args(argv)
 
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
               f"{par.get('capture_device_path')} (delta {par.get('capture_delta')})", flush=True)
         result.update(par)
     if "costs" not in skip:
-        c = costs(args.data, args.cost_frames, "ViT-B-16", args.frame_batch or 32)
+        c = costs(args.data, args.cost_frames, "ViT-B-16", args.cost_frames)
         print(f"per frame: select {c['select_gflop_per_frame']} GFLOP / {c['select_gb_per_frame']} GB unfused, crops "
               f"{c['crop_gflop_per_frame']} GFLOP, decode ~{c['decode_gflop_per_frame']} GFLOP; ViT-B-16 on "
               f"{c['patches_per_frame']} patches {c['vit_gflop_per_frame']} GFLOP; launches/batch {c['launches_per_batch']:.0f}")

@@ -74,16 +74,18 @@ def boolean_map_saliency(
 
 
 def boolean_map_saliency_torch(lab: "torch.Tensor", step: int = 8, dilate: int = 3, opening: int = 3,
-                               channel_weights=(1.0, 1.0, 1.0)) -> "torch.Tensor":
+                               channel_weights=(1.0, 1.0, 1.0), sizes=None) -> "torch.Tensor":
     """:func:`boolean_map_saliency` of a batch, as torch ops on the tensors' device.
 
     Args:
-        lab: (N, 3, h, w) uint8 OpenCV 8-bit Lab images (all the same size).
+        lab: (N, 3, H, W) uint8 OpenCV 8-bit Lab images; image i occupies the top-left
+            ``sizes[i]`` pixels of its canvas (the rest is padding and is ignored).
         step, dilate, opening, channel_weights: as :func:`boolean_map_saliency`
             (``dilate`` / ``opening`` odd or <= 1).
+        sizes: (N, 2) int tensor of (h_i, w_i) pixels, or None (every image fills the canvas).
     Returns:
-        (N, h, w) float32 unnormalised maps, equal to the reference up to float rounding of
-        the final sum.
+        (N, H, W) float32 unnormalised maps (0 in the padding), equal to the reference on each
+        image's own h_i x w_i up to float rounding of the final sum.
     Raises:
         ValueError: even ``dilate`` / ``opening`` sizes (OpenCV anchors them off-centre).
     """
@@ -95,25 +97,38 @@ def boolean_map_saliency_torch(lab: "torch.Tensor", step: int = 8, dilate: int =
         if k > 1 and k % 2 == 0:
             raise ValueError(f"the device path needs odd morphology sizes, got {k}")
     n, _, h, w = lab.shape
+    dev = lab.device
     dt = torch.float32
-    ch = lab.to(dt)                                                   # (N, 3, h, w)
-    lo = ch.amin((2, 3))
-    hi = ch.amax((2, 3))
+    if sizes is None:
+        sizes = torch.tensor([[h, w]] * n, device=dev)
+    hh, ww = sizes[:, 0].view(n, 1, 1, 1), sizes[:, 1].view(n, 1, 1, 1)
+    yy = torch.arange(h, device=dev).view(1, 1, h, 1)
+    xx = torch.arange(w, device=dev).view(1, 1, 1, w)
+    inside = (yy < hh) & (xx < ww)                                    # (N, 1, H, W)
+    border = inside & ((yy == 0) | (xx == 0) | (yy == hh - 1) | (xx == ww - 1))
+    lo = torch.where(inside, lab, 255).amin((2, 3)).to(dt)            # (N, 3) over the image only
+    hi = torch.where(inside, lab, 0).amax((2, 3)).to(dt)
     nthr = len(range(step // 2, 255, step))
-    thr = lo[..., None] + step // 2 + step * torch.arange(nthr, device=lab.device, dtype=dt)   # (N, 3, J)
+    thr = lo[..., None] + step // 2 + step * torch.arange(nthr, device=dev, dtype=dt)   # (N, 3, J)
     valid = (thr < hi[..., None]) & ((hi - lo) >= 2)[..., None]
-    acc = torch.zeros((n, h, w), dtype=dt, device=lab.device)
-    wts = torch.as_tensor(channel_weights, dtype=dt, device=lab.device)
+    acc = torch.zeros((n, h, w), dtype=dt, device=dev)
+    wts = torch.as_tensor(channel_weights, dtype=dt, device=dev)
+    seeds = border.expand(n, 3, h, w).reshape(n * 3, h, w)
     # polarity 0: ch > t; polarity 1: ch <= t  <=>  (255 - ch) > 254 - t  (integer levels)
     for grey, t in ((lab, thr), (255 - lab, 254.0 - thr)):
-        # grey levels stay uint8 (4x less memory traffic than float32): the morphology and
-        # the reconstruction only take minima and maxima
-        o = T.dilate(T.erode(grey, opening), opening, 0) if opening > 1 else grey
-        r = T.border_reconstruction(o.reshape(n * 3, h, w)).view(n, 3, h, w)
+        # grey levels stay uint8 (4x less memory traffic than float32): the morphology and the
+        # reconstruction only take minima and maxima. Padding: 255 for the erosion and 0 for
+        # the dilation, i.e. ignored like OpenCV's border, and 0 (never above a threshold) after.
+        o = grey
+        if opening > 1:
+            o = torch.where(inside, T.erode(torch.where(inside, grey, 255), opening), 0)
+            o = T.dilate(o, opening, 0)
+        o = torch.where(inside, o, 0)
+        r = T.border_reconstruction(o.reshape(n * 3, h, w), seeds=seeds).view(n, 3, h, w)
         tt = t.to(torch.int16)[..., None, None]                       # (N, 3, J, 1, 1)
-        sur = (o[:, :, None] > tt) & (r[:, :, None] <= tt)            # (N, 3, J, h, w) bool
-        sur = sur.to(torch.uint8)
-        a = (T.dilate(sur, dilate, 0) if dilate > 1 else sur).to(dt)
+        sur = ((o[:, :, None] > tt) & (r[:, :, None] <= tt)).to(torch.uint8)   # (N, 3, J, H, W)
+        a = T.dilate(sur, dilate, 0) if dilate > 1 else sur
+        a = (a & inside[:, :, None].to(torch.uint8)).to(dt)           # no spill into the padding
         norm = a.sum((3, 4)).sqrt()
         coef = torch.where(valid & (norm > 0), wts[None, :, None] / norm.clamp(min=1e-12), torch.zeros_like(norm))
         acc += torch.einsum("ncjhw,ncj->nhw", a, coef)
@@ -152,7 +167,7 @@ class BooleanMapSaliency(SaliencyBackend):
 
     device_native = True
     chunk_pixels = 1 << 22
-    """Working-resolution pixels per device batch (x 96 boolean maps in flight)."""
+    """Working-resolution canvas pixels per batch on CPU (x16 on CUDA), x 48 boolean maps in flight."""
 
     def predict_tensors(self, images):
         """Batched device path of :meth:`predict` (same maps up to float rounding).
@@ -167,6 +182,7 @@ class BooleanMapSaliency(SaliencyBackend):
         from mining.saliency import torch_ops as T
 
         out: list = [None] * len(images)
+        groups = []   # (h, w, hs, ws, sigma, indices): shapes that run on the device
         for (h, w), idx in T.group_by_shape(images).items():
             if min(h, w) < 8:
                 for i in idx:
@@ -179,15 +195,35 @@ class BooleanMapSaliency(SaliencyBackend):
                 for i, m in zip(idx, host):
                     out[i] = m
                 continue
-            per = max(1, self.chunk_pixels // (hs * ws))
-            for c in range(0, len(idx), per):
-                part = idx[c:c + per]
-                x = torch.stack([images[i] for i in part])
-                lab = T.rgb_to_lab(T.resize_area(x, (hs, ws), to_u8=True), "u8")
-                m = boolean_map_saliency_torch(lab, self.step)
+            groups.append((h, w, hs, ws, sigma, idx))
+        if not groups:
+            return out
+        # every shape's working image on ONE padded canvas: the iterative part (the grey
+        # reconstructions) then runs once per chunk, not once per crop shape
+        dev = images[groups[0][5][0]].device
+        hp, wp = max(g[2] for g in groups), max(g[3] for g in groups)
+        items = [(g, j) for g in groups for j in range(len(g[5]))]
+        per = max(1, self.chunk_pixels * (16 if dev.type == "cuda" else 1) // (hp * wp))
+        small = {}
+        for g in groups:
+            x = torch.stack([images[i] for i in g[5]])
+            small[id(g)] = T.rgb_to_lab(T.resize_area(x, (g[2], g[3]), to_u8=True), "u8")
+        for c in range(0, len(items), per):
+            part = items[c:c + per]
+            canvas = torch.zeros((len(part), 3, hp, wp), dtype=torch.uint8, device=dev)
+            sizes = torch.tensor([[g[2], g[3]] for g, _ in part], device=dev)
+            for k, (g, j) in enumerate(part):
+                canvas[k, :, :g[2], :g[3]] = small[id(g)][j]
+            maps = boolean_map_saliency_torch(canvas, self.step, sizes=sizes)
+            by_group: dict = {}
+            for k, (g, j) in enumerate(part):
+                by_group.setdefault(id(g), (g, []))[1].append((k, j))
+            for g, kj in by_group.values():
+                h, w, hs, ws, sigma, idx = g
+                m = maps[[k for k, _ in kj], :hs, :ws]
                 if self.blur_frac > 0:
                     m = T.gaussian_blur(m, sigma)
                 m = T.normalize_maps(T.resize_linear(m, (h, w)))
-                for j, i in enumerate(part):
-                    out[i] = m[j]
+                for row, (_, j) in enumerate(kj):
+                    out[idx[j]] = m[row]
         return out

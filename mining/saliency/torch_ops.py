@@ -32,9 +32,10 @@ OpenCV counterpart, not just its idea. Design decisions and their reasons:
   border (max over 4-paths from the border of the min of ``O`` along the path;
   :func:`border_reconstruction`). So six grey reconstructions per image (3 channels x 2
   polarities) replace 96 connected-component passes, exactly. The reconstruction runs in
-  uint8 as rounds of four directional sweeps, each a log2(n)-step parallel prefix scan,
-  on the whole batch at once (measured on a GTSDB frame: 3 rounds, against 213 iterations
-  of plain 4-neighbour dilation).
+  uint8 as rounds of four directional sweeps, each a log2(n)-step parallel prefix scan of
+  two kernels per step (the window minima it needs are computed once), on the whole batch
+  at once. Measured on a GTSDB frame's maps: 6-12 rounds (about 64 kernels each) against
+  184-266 iterations of plain 4-neighbour dilation (4 kernels each on a GPU).
   A binary flood fill (:func:`border_reach`) is kept as the test oracle's second opinion.
 """
 from __future__ import annotations
@@ -196,34 +197,44 @@ def normalize_maps(x: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, (x - lo) / torch.where(ok, rng, torch.ones_like(rng)), torch.zeros_like(x))
 
 
-def _sweep(a: torch.Tensor, b: torch.Tensor, dim: int, reverse: bool) -> torch.Tensor:
-    """One directional geodesic sweep along ``dim`` as a parallel prefix scan, in place.
+def _window_mins(o: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    """``[W_1, W_2, W_4, ...]`` with ``W_d[x] = min(o[x-d+1 .. x])`` along ``dim`` (valid for
+    x >= d-1; earlier entries hold shorter windows and are never read)."""
+    n = o.shape[dim]
+    tables = [o]
+    d = 1
+    while 2 * d < n:
+        w = tables[-1].clone()
+        w.narrow(dim, d, n - d).copy_(torch.minimum(tables[-1].narrow(dim, d, n - d), tables[-1].narrow(dim, 0, n - d)))
+        tables.append(w)
+        d *= 2
+    return tables
+
+
+def _sweep(a: torch.Tensor, tables: list[torch.Tensor], dim: int, reverse: bool) -> None:
+    """One directional geodesic sweep along ``dim`` as a parallel prefix scan, in place on ``a``.
 
     The sequential sweep ``R[x] = max(R[x], min(O[x], R[x-1]))`` composes the maps
     ``f_x(r) = max(a_x, min(b_x, r))``; such maps are closed under composition
     (``f2 o f1 = (max(a2, min(b2, a1)), min(b2, b1))``), so log2(n) doubling steps
-    (Hillis-Steele) give every prefix at once. ``a`` is updated in place and returned;
-    ``b`` is not modified.
+    (Hillis-Steele) give every prefix at once. The composed ``b`` of step d is the window
+    minimum ``W_d`` of ``O`` (:func:`_window_mins`), the same in every round, so a step is
+    two kernels: ``a[x] = max(a[x], min(W_d[x], a[x -+ d]))``.
     """
     n = a.shape[dim]
-    b = b.clone()
-    d = 1
-    while d < n:
-        if reverse:  # element x takes from x + d
-            dst, src = slice(0, n - d), slice(d, n)
-        else:        # element x takes from x - d
-            dst, src = slice(d, n), slice(0, n - d)
-        a_dst, a_src = a.narrow(dim, dst.start, n - d), a.narrow(dim, src.start, n - d)
-        b_dst, b_src = b.narrow(dim, dst.start, n - d), b.narrow(dim, src.start, n - d)
-        upd = torch.minimum(b_dst, a_src)          # from the old a: computed before the write
+    for i, w in enumerate(tables):
+        d = 1 << i
+        if d >= n:
+            break
+        if reverse:  # x takes from x + d; its window [x, x+d-1] is W_d[x+d-1]
+            a_dst, a_src, w_dst = a.narrow(dim, 0, n - d), a.narrow(dim, d, n - d), w.narrow(dim, d - 1, n - d)
+        else:        # x takes from x - d; its window [x-d+1, x] is W_d[x]
+            a_dst, a_src, w_dst = a.narrow(dim, d, n - d), a.narrow(dim, 0, n - d), w.narrow(dim, d, n - d)
+        upd = torch.minimum(w_dst, a_src)  # from the old a: computed before the write
         torch.maximum(a_dst, upd, out=a_dst)
-        if 2 * d < n:
-            torch.minimum(b_dst, b_src.clone(), out=b_dst)
-        d *= 2
-    return a
 
 
-def border_reconstruction(o: torch.Tensor, max_rounds: int = 10_000) -> torch.Tensor:
+def border_reconstruction(o: torch.Tensor, max_rounds: int = 10_000, seeds: torch.Tensor | None = None) -> torch.Tensor:
     """Grey reconstruction of (M, H, W) images from their border, 4-connectivity.
 
     ``R(p) = max over 4-connected paths from a border pixel to p of min(o along the path)``;
@@ -232,28 +243,49 @@ def border_reconstruction(o: torch.Tensor, max_rounds: int = 10_000) -> torch.Te
     directional sweeps (right, left, down, up), each a log2-step parallel scan
     (:func:`_sweep`), until a round changes nothing: a round follows any path with one
     turn per direction, so natural images need a handful of rounds instead of one 4-neighbour
-    dilation per pixel of path length.
+    dilation per pixel of path length. Maps that have converged leave the batch (one host
+    sync per round), so a few slow maps do not keep the whole batch sweeping.
 
     Args:
         o: (M, H, W) uint8 or floating tensor of grey levels (uint8: 0 is the "unreached"
             level, which is exact for the thresholds t >= 0 that BMS uses).
+        seeds: optional (M, H, W) bool, the border pixels to start from (default: the
+            canvas' edges; padded canvases pass each image's own border and o = 0 outside).
     Returns:
         (M, H, W) tensor of o's dtype, ``R <= o``.
     """
     low = torch.finfo(o.dtype).min if o.dtype.is_floating_point else 0
-    r = torch.full_like(o, low)
-    r[:, 0, :] = o[:, 0, :]
-    r[:, -1, :] = o[:, -1, :]
-    r[:, :, 0] = o[:, :, 0]
-    r[:, :, -1] = o[:, :, -1]
+    if seeds is not None:
+        r = torch.where(seeds, o, torch.full_like(o, low))
+    else:
+        r = torch.full_like(o, low)
+        r[:, 0, :] = o[:, 0, :]
+        r[:, -1, :] = o[:, -1, :]
+        r[:, :, 0] = o[:, :, 0]
+        r[:, :, -1] = o[:, :, -1]
+    tables = {dim: _window_mins(o, dim) for dim in (1, 2)}
+    out = r
+    active = None  # indices of the maps still changing (None: all)
     for _ in range(max_rounds):
         n = r.clone()
         for dim, rev in ((2, False), (2, True), (1, False), (1, True)):
-            _sweep(n, o, dim, rev)
-        if torch.equal(n, r):
-            return n
-        r = n
-    return r
+            _sweep(n, tables[dim], dim, rev)
+        changed = (n != r).flatten(1).any(1)
+        if active is None:
+            out = n
+        else:
+            out[active] = n
+        if not bool(changed.any()):
+            return out
+        if bool(changed.all()):
+            r = n
+            continue
+        # converged maps leave the batch: the next rounds touch only the ones still changing
+        keep = changed.nonzero().squeeze(1)
+        active = keep if active is None else active[keep]
+        r = n[keep]
+        tables = {dim: [t[keep] for t in ts] for dim, ts in tables.items()}
+    return out
 
 
 def shift_max(x: torch.Tensor, dim: int, pad_value: float, radius: int = 1) -> torch.Tensor:
