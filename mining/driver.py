@@ -126,15 +126,17 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
     from mining.connect import connect
 
     connect(address)
-    n, opts = plan_pool(ray.available_resources(), ray.cluster_resources(), num_actors=num_actors,
+    free0 = ray.available_resources()
+    n, opts = plan_pool(free0, ray.cluster_resources(), num_actors=num_actors,
                         cpus_per_actor=cpus_per_actor, use_gpu=use_gpu, n_todo=len(todo))
-    counter = ray.remote(ProgressCounter).options(num_cpus=0).remote() if progress else None
+    counter_name = f"mining-progress-{cfg.run_id}" if progress else None
+    counter = ray.remote(ProgressCounter).options(num_cpus=0, name=counter_name).remote() if progress else None
     Actor = ray.remote(ShardMiner)
     renv = {"env_vars": actor_env()}
-    actors = [Actor.options(max_restarts=-1, max_task_retries=0, runtime_env=renv, **opts).remote(cfg, True, counter)
+    actors = [Actor.options(max_restarts=-1, max_task_retries=0, runtime_env=renv, **opts).remote(cfg, True, counter_name)
               for _ in range(n)]
     try:
-        _dispatch_loop(ray, actors, opts, todo, output_root, cfg, summary, max_attempts=max_attempts,
+        _dispatch_loop(ray, actors, opts, free0, todo, output_root, cfg, summary, max_attempts=max_attempts,
                        progress=progress, counter=counter, startup_timeout=startup_timeout,
                        pending_report_s=pending_report_s, progress_every_s=progress_every_s, t0=t0)
     finally:
@@ -147,13 +149,14 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
     return summary
 
 
-def _dispatch_loop(ray, actors, opts, todo, output_root, cfg, summary, *, max_attempts, progress, counter,
+def _dispatch_loop(ray, actors, opts, free0, todo, output_root, cfg, summary, *, max_attempts, progress, counter,
                    startup_timeout, pending_report_s, progress_every_s, t0) -> None:
     """Start-up and dispatch: see the module docstring. Fills ``summary`` in place."""
     from ray.exceptions import ActorUnavailableError, RayActorError
 
     n = len(actors)
     want = {{"num_cpus": "CPU", "num_gpus": "GPU"}[k]: v for k, v in opts.items() if v}
+    fit_at_start = min(int(free0.get(k, 0) // v) for k, v in want.items()) if want else n
     futs: dict = {a.info.remote(): ("ready", i, None, 0) for i, a in enumerate(actors)}
     pending = set(range(n))            # not yet answered info() once
     free: list[int] = []
@@ -189,9 +192,13 @@ def _dispatch_loop(ray, actors, opts, todo, output_root, cfg, summary, *, max_at
                     f"or lower --actors / --cpus-per-actor")
             if pending and now - last_pending >= pending_report_s:
                 last_pending = now
-                if progress:
-                    print(f"waiting for resources: {len(pending)} actor(s) want {want} each; cluster has {_free()} free "
+                # actors that fitted in what was free at the start are loading, the others wait for resources
+                waiting = max(0, len(pending) - max(0, fit_at_start - (n - len(pending))))
+                if progress and waiting:
+                    print(f"waiting for resources: {waiting} actor(s) want {want} each; cluster has {_free()} free "
                           f"({now - t_start:.0f} s, gives up after {startup_timeout:.0f} s without any actor)", flush=True)
+                elif progress:
+                    print(f"starting {len(pending)} actor(s) (loading the model; {now - t_start:.0f} s)", flush=True)
             if progress and counter is not None and t_mine is not None and now - last_progress >= progress_every_s:
                 last_progress = now
                 print(meter.line(*ray.get(counter.totals.remote())), flush=True)
@@ -220,7 +227,7 @@ def _dispatch_loop(ray, actors, opts, todo, output_root, cfg, summary, *, max_at
                 if t_mine is None:
                     t_mine = time.perf_counter()
                     summary["startup_s"] = round(t_mine - t0, 3)
-                    meter.t0 = t_mine
+                    meter.t0 = last_progress = t_mine
                 if progress:
                     print(f"actor {len(summary['actors'])}/{n} ready on {info['device']} ({info['host']}), model "
                           f"{info['model']}, batch {info['batch_size']}" +
@@ -290,7 +297,7 @@ def format_summary(s: dict) -> str:
     if s.get("stage_s") and any(s["stage_s"].values()):
         lines.append("actor time per stage (s, summed over shards): " + ", ".join(f"{k} {v:.1f}" for k, v in s["stage_s"].items()))
     if s.get("output"):
-        lines.append(f"outputs: {s['output']} (patches/, images/, errors/ Parquet tables + _ledger/)")
+        lines.append(f"outputs: {s['output']} (patches/, images/, errors/: Parquet; ledger/: one JSON per shard)")
         lines.append(f"next: {next_command(s)}")
     return "\n".join(lines)
 

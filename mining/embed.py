@@ -188,7 +188,13 @@ class ClipEmbedder:
             # seeded, so smoke runs (and the rerun-equality tests) are reproducible across processes
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_INIT_SEED)
-                model = open_clip.create_model(spec.model, pretrained=None, device="cpu")
+                if not warn_random:  # open_clip's own "initialized randomly" root-logger warning too
+                    logging.disable(logging.WARNING)
+                try:
+                    model = open_clip.create_model(spec.model, pretrained=None, device="cpu")
+                finally:
+                    if not warn_random:
+                        logging.disable(logging.NOTSET)
             model = model.to(self.device)
         else:
             if not spec.pretrained:

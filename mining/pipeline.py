@@ -166,8 +166,10 @@ class ShardMiner:
     Args:
         cfg: a :class:`MineConfig` (resolved: date and run_id set).
         writer_thread: build the Arrow columns in a writer thread (default) or in the main loop.
-        progress: None, or a handle of :class:`mining.progress.ProgressCounter`: each frame batch
-            reports ``add(frames, patches)`` to it (fire and forget; the driver aggregates).
+        progress: None, or the name of a :class:`mining.progress.ProgressCounter` actor (same
+            namespace): each frame batch reports ``add(frames, patches)`` to it (fire and forget;
+            the driver aggregates). A name, not a handle: Ray warns about restartable actors whose
+            constructor arguments live in the object store.
     Raises:
         mining.embed.WeightsError: CLIP weights cannot be loaded (never falls back to random).
         ValueError: unknown ``select_impl``.
@@ -186,7 +188,11 @@ class ShardMiner:
             raise ValueError(f"unknown select_impl {self.cfg.select_impl!r}; use one of {IMPLS} or None")
         self.embedder = ClipEmbedder(ClipSpec(cfg.clip_model, cfg.clip_pretrained, cfg.clip_random_init), device=cfg.device,
                                      warn_random=False)  # the driver warns once per command
-        self.progress = progress
+        self.progress = None
+        if progress:
+            import ray
+
+            self.progress = ray.get_actor(progress)
         self.device = self.embedder.device
         self.on_cuda = self.device.type == "cuda"
         self.selector = FrameSelector(selection.get_preset(self.cfg.preset, **self.cfg.selection_overrides),
@@ -198,6 +204,13 @@ class ShardMiner:
         self.frame_batch = max(1, self.cfg.frame_batch or DEFAULT_FRAME_BATCH["cuda" if self.on_cuda else "cpu"])
         if not self.on_cuda:
             torch.set_num_threads(self.cpus)
+            if self.decode_threads > 1:
+                # the pool runs one frame per thread: OpenCV's own thread pool inside each
+                # thread would oversubscribe the actor's cores (measured: 2 threads x OpenCV
+                # threads ran slower than 1 thread on 2 cores)
+                import cv2
+
+                cv2.setNumThreads(1)
         self.writer_thread = writer_thread
         self.device_path = self.on_cuda  # batched decode + batched selection (settable: tests run it on CPU)
         self._sel_stream = torch.cuda.Stream(self.device) if self.on_cuda else None

@@ -77,6 +77,15 @@ def test_starts_with_what_is_free(ray_head, frames, tmp_path):
         holder.release()
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert "actor 1/1 ready" in cp.stdout and "images 2," in cp.stdout, cp.stdout
+    # progress people expect: frames/s, patches/s, ETA; where the outputs are; the next command
+    assert "frames/s" in cp.stdout and "patches/s | ETA" in cp.stdout, cp.stdout
+    assert f"outputs: {tmp_path / 'o'}" in cp.stdout, cp.stdout
+    assert cp.stdout.strip().splitlines()[-2].startswith("next: python -m jobs.build_index --data "), cp.stdout
+    # the random-weights warning once per command (before: 3-4 times, from every actor and open_clip)
+    both = (cp.stdout + cp.stderr).lower()
+    assert both.count("clip weights were random") == 1, both
+    assert "initialized randomly" not in both and "randomly initialised" not in both, both
+    assert "waiting for resources" not in both, both     # one actor fitted in the free CPU: it only loads
 
 
 def test_all_resources_held_says_it_waits_then_gives_up(ray_head, frames, tmp_path):
