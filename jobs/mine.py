@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_mining(args.input, args.output, cfg, **runtime_kwargs(args))
     except Exception as e:  # noqa: BLE001 - user errors become one line + exit 2, others propagate
         return fail(e)
-    print(format_summary(summary))
     if cfg.clip_random_init:
         print("WARNING: CLIP weights were RANDOM (--clip-random-init): embeddings are not semantic")
+    print(format_summary(summary))  # ends with the outputs and the next command
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "actors"}))
     return 0 if summary["shards_failed"] == 0 else 1

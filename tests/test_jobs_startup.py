@@ -80,7 +80,7 @@ def test_starts_with_what_is_free(ray_head, frames, tmp_path):
     # progress people expect: frames/s, patches/s, ETA; where the outputs are; the next command
     assert "frames/s" in cp.stdout and "patches/s | ETA" in cp.stdout, cp.stdout
     assert f"outputs: {tmp_path / 'o'}" in cp.stdout, cp.stdout
-    assert cp.stdout.strip().splitlines()[-2].startswith("next: python -m jobs.build_index --data "), cp.stdout
+    assert cp.stdout.strip().splitlines()[-1].startswith("next: python -m jobs.build_index --data "), cp.stdout
     # the random-weights warning once per command (before: 3-4 times, from every actor and open_clip)
     both = (cp.stdout + cp.stderr).lower()
     assert both.count("clip weights were random") == 1, both
