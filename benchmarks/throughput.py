@@ -41,7 +41,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, made and removed here
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png")
 

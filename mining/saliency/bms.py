@@ -17,10 +17,15 @@ reconstructions that give every threshold's surrounded regions at once (exact; s
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
 
 from mining.saliency.base import SaliencyBackend, check_image, normalize_map, register_backend
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def _surrounded(mask: np.ndarray) -> np.ndarray:

@@ -22,10 +22,15 @@ in float64 like numpy's), equal to the reference up to float rounding.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
 
 from mining.saliency.base import SaliencyBackend, check_image, normalize_map, register_backend
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def _lab(image: np.ndarray) -> np.ndarray:
