@@ -286,8 +286,9 @@ def next_command(s: dict) -> str:
     return f"python -m jobs.build_index --data {out} --out {idx}"
 
 
-def format_summary(s: dict) -> str:
-    """The end-of-run block: counts, rates, time per stage, where the outputs are, the next command."""
+def format_summary(s: dict, *, with_next: bool = True) -> str:
+    """The end-of-run block: counts, rates, time per stage, where the outputs are, the next command
+    (``with_next=False``: no next command; the nightly job prints its own)."""
     lines = [
         f"run {s['run_id']} (date {s['date']}): {s['shards_mined']} shards mined, {s['shards_skipped']} skipped "
         f"(already committed), {s['shards_failed']} failed of {s['shards_total']}",
@@ -298,7 +299,8 @@ def format_summary(s: dict) -> str:
         lines.append("actor time per stage (s, summed over shards): " + ", ".join(f"{k} {v:.1f}" for k, v in s["stage_s"].items()))
     if s.get("output"):
         lines.append(f"outputs: {s['output']} (patches/, images/, errors/: Parquet; ledger/: one JSON per shard)")
-        lines.append(f"next: {next_command(s)}")
+        if with_next:
+            lines.append(f"next: {next_command(s)}")
     return "\n".join(lines)
 
 

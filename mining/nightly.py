@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from mining.driver import format_summary, run_mining
+from mining.driver import format_summary, next_command, run_mining
 from mining.pipeline import MineConfig
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def run_nightly(input_spec: str, output_root: str, cfg: MineConfig, *, index_roo
         reload_actor: tell a running query actor to reload after a new index version.
     Returns:
         summary dict: the mining summary plus ``new_shards``, ``index`` (manifest summary or None),
-        ``reloaded`` and ``nothing_to_do``.
+        ``index_root``, ``reloaded`` and ``nothing_to_do``.
     """
     t0 = time.perf_counter()
     cfg = cfg.resolved()
@@ -39,6 +39,7 @@ def run_nightly(input_spec: str, output_root: str, cfg: MineConfig, *, index_roo
     summary["new_shards"] = summary["shards_total"] - summary["shards_skipped"]
     summary["nothing_to_do"] = summary["new_shards"] == 0
     summary["index"] = None
+    summary["index_root"] = index_root
     summary["reloaded"] = None
     if index_root:
         from mining.index import update_index
@@ -60,14 +61,25 @@ def run_nightly(input_spec: str, output_root: str, cfg: MineConfig, *, index_roo
     return summary
 
 
+def nightly_next_command(s: dict) -> str:
+    """The command to run after a night: query the grown index (the night already updated it), or,
+    when the night had no ``--index``, build the index as after a mining run."""
+    if not s.get("index_root"):
+        return next_command(s)
+    cmd = f'python -m jobs.query --index {s["index_root"]} --text "<what to find>" --k 16 --out <export dir>'
+    if isinstance(s.get("reloaded"), dict) and "error" not in s["reloaded"]:
+        cmd += "   (or --address ray://<head>:10001 instead of --index: the query actor serves the new version)"
+    return cmd
+
+
 def format_nightly(s: dict) -> str:
-    """Human-readable end-of-night summary."""
+    """Human-readable end-of-night summary; the last line is the next command."""
     if s["nothing_to_do"]:
         head = (f"nothing to do for {s['date']}: all {s['shards_total']} shards are already committed "
                 f"(rerun-safe; delete their ledger records to re-mine)")
     else:
         head = f"night {s['date']}: {s['new_shards']} new shards"
-    lines = [head, format_summary(s)]
+    lines = [head, format_summary(s, with_next=False)]
     if s.get("index"):
         ix = s["index"]
         lines.append(f"index: version {ix.get('version')} ({ix.get('kind')}, {ix.get('n')} vectors, "
@@ -75,4 +87,5 @@ def format_nightly(s: dict) -> str:
     if s.get("reloaded") is not None:
         lines.append(f"query actor reload: {s['reloaded']}")
     lines.append(f"night wall time {s['wall_s']:.1f} s")
+    lines.append(f"next: {nightly_next_command(s)}")
     return "\n".join(lines)

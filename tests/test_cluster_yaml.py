@@ -266,7 +266,7 @@ def test_crontab_example_submits_the_night_once_per_day():
 
 
 def test_k8s_cronjob_forbids_overlap_and_does_not_retry_a_refused_night():
-    from jobs.submit_nightly import EXIT_ALREADY_SUBMITTED
+    from mining.nightly_submit import EXIT_ALREADY_SUBMITTED
 
     cj = yaml.safe_load((REPO / "deploy" / "k8s-nightly-cronjob.yaml").read_text())
     assert cj["kind"] == "CronJob" and cj["apiVersion"] == "batch/v1"
@@ -287,7 +287,7 @@ def test_k8s_cronjob_forbids_overlap_and_does_not_retry_a_refused_night():
 def test_submission_helpers():
     import shlex
 
-    from jobs.submit_nightly import (build_runtime_env, nightly_entrypoint, nightly_submission_id,
+    from mining.nightly_submit import (build_runtime_env, nightly_entrypoint, nightly_submission_id,
                                      s3_env_vars)
 
     assert nightly_submission_id("2026-11-20") == "nightly-2026-11-20"

@@ -64,7 +64,7 @@ def _write_night(s3_server, n_shards: int = 2, per_shard: int = 2) -> tuple[str,
 def test_nightly_job_on_cluster_then_status_and_query_through_ray_client(ray_head, s3_server, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
-    from jobs.submit_nightly import AlreadySubmittedError, nightly_submission_id, submit_nightly
+    from mining.nightly_submit import AlreadySubmittedError, nightly_submission_id, submit_nightly
     from mining.store import open_images, open_patches, read_ledger
 
     assert ray_head.env.get("RAY_AUTH_MODE") == "disabled"  # token auth handled explicitly

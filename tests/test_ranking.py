@@ -96,7 +96,7 @@ def test_list_mle_hand_computed():
 
 # --------------------------------------------------------------------------- training
 def test_training_steps_lower_loss_on_fixed_batch():
-    from jobs.train_ltrp import ltrp_step
+    from mining.ranking.train import ltrp_step
 
     mae = tiny_mae(64)
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 * ``ltrp`` backend: LTRP (Luo et al., CVPR 2024) ranking ViT + DPC-KNN homogeneous patches.
 * ``kpp`` backend: Key Patch Proposer (Xu et al. 2024), greedy MAE reconstruction.
-* training: ``python -m jobs.train_ltrp`` (Ray Train).
+* training: :mod:`mining.ranking.train` (Ray Train; CLI ``python -m jobs.train_ltrp``).
 
 Importing this package registers both backends with
 :mod:`mining.saliency.base` and does not import torch (models load lazily).
