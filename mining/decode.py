@@ -105,28 +105,3 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise DecodeError(f"unexpected decoded shape {arr.shape}")
     return np.ascontiguousarray(arr)
-
-
-def decode_image_device(data: bytes, device, *, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Decode to a (3, H, W) uint8 tensor on ``device`` (EXIF orientation applied).
-
-    On CUDA this is a batch of one through :func:`mining.frames.decode_batch`: JPEGs are decoded
-    by nvJPEG and oriented on the device (torchvision applies EXIF orientation on CPU only);
-    other formats, and JPEGs nvJPEG should not or cannot decode, go through :func:`decode_image`.
-    On CPU this is :func:`decode_image`.
-
-    Raises:
-        DecodeError: as :func:`decode_image`.
-    """
-    import torch
-
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        from mining.frames import decode_batch
-
-        out = decode_batch([data], dev, max_pixels=max_pixels)[0]
-        if isinstance(out, DecodeError):
-            raise out
-        return out
-    arr = decode_image(data, max_pixels=max_pixels)
-    return torch.from_numpy(arr).permute(2, 0, 1)

@@ -56,7 +56,6 @@ __all__ = [
     "DEFAULT_SALIENCY",
     "get_preset",
     "candidate_grid",
-    "box_sums",
     "score_apv",
     "score_id",
     "score_apv_id_torch",
@@ -449,23 +448,6 @@ def _check_boxes(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def _sums_from_integral(ii: np.ndarray, b: np.ndarray) -> np.ndarray:
     x0, y0, x1, y1 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     return ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
-
-
-def box_sums(sal_map: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Sum of the map inside each box, from one integral image (O(1) per box).
-
-    Args:
-        sal_map: (H, W) float map.
-        boxes: (N, 4) int boxes x0, y0, x1, y1 (exclusive), inside the map.
-    Returns:
-        (N,) float64 sums.
-    Raises:
-        ValueError: bad shapes, empty or out-of-map boxes.
-    """
-    b = _check_boxes(boxes, np.asarray(sal_map).shape[:2])
-    if len(b) == 0:
-        return np.zeros(0, np.float64)
-    return _sums_from_integral(_integral(sal_map), b)
 
 
 def _inner_boxes(b: np.ndarray, margin: float) -> np.ndarray:

@@ -68,8 +68,3 @@ class ClusteredMixture:
             blk /= np.linalg.norm(blk, axis=1, keepdims=True)
             out[s:s + len(lab)] = blk
         return (out, labels) if return_labels else out
-
-
-def clustered_unit_vectors(n: int, dim: int = 512, *, seed: int = 0, sample_seed: int = 1, **kw) -> np.ndarray:
-    """Shortcut: ``ClusteredMixture(dim, seed=seed, **kw).sample(n, seed=sample_seed)`` -> (n, dim) float32."""
-    return ClusteredMixture(dim, seed=seed, **kw).sample(n, seed=sample_seed)

@@ -23,11 +23,6 @@ def ranker_flops(cfg, tokens: int | None = None) -> float:
             + 2.0 * cfg.embed_dim * cfg.num_patches)
 
 
-def dpc_knn_flops(num_patches: int, feat_dim: int) -> float:
-    """Pairwise distances of DPC-KNN (the dominant term): ``3 N^2 C``."""
-    return 3.0 * num_patches ** 2 * feat_dim
-
-
 def spectral_residual_flops(work_size: int = 256, sr_size: int = 64, in_hw: tuple[int, int] | None = None) -> float:
     """Rough FLOPs of OpenCV ``StaticSaliencySpectralResidual`` on a ``work_size`` square.
 

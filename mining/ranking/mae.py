@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Mapping
 
@@ -414,7 +414,3 @@ def build_mae(arch: str = "mae_vit_base_patch16", checkpoint: str | None = None,
 def official_state_dict(model: MaskedAutoencoder) -> dict:
     """The model's weights in the official MAE checkpoint layout: ``{"model": state_dict}``."""
     return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-
-
-def config_dict(model: MaskedAutoencoder) -> dict:
-    return asdict(model.cfg)
