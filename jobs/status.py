@@ -23,39 +23,7 @@ Exit codes: 0 printed; 2 cannot connect / bad arguments / the job failed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
-
-from mining.query_actor import NAMESPACE
-from mining.status import collect, format_status, gather  # noqa: F401 - collect: the readers' entry point
-
-
-def _run_as_job(address: str, argv: list[str], timeout_s: float) -> int:
-    """Run ``python -m jobs.status <argv>`` on the cluster through the Jobs API and print its output."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
-    import shlex
-
-    sid = client.submit_job(entrypoint=shlex.join(["python", "-m", "jobs.status", *argv]),
-                            metadata={"kind": "status"})
-    deadline = time.monotonic() + timeout_s
-    while True:
-        st = client.get_job_status(sid)
-        st = str(getattr(st, "value", st))
-        if st in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        if time.monotonic() > deadline:
-            print(f"error: status job {sid} still {st} after {timeout_s:.0f} s", file=sys.stderr)
-            return 2
-        time.sleep(1.0)
-    logs = client.get_job_logs(sid).splitlines()
-    # drop the job supervisor's preamble ("Runtime env is setting up.", "Running entrypoint ...")
-    start = next((i + 1 for i, ln in enumerate(logs) if ln.startswith("Running entrypoint for job")), 0)
-    print("\n".join(logs[start:]))
-    return 0 if st == "SUCCEEDED" else 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.nights < 0:
         p.error("--nights must be >= 0")
 
+    from mining.status import print_status, run_status_job
+
     if args.address and args.address.startswith(("http://", "https://")):
         rest = list(argv)
         if "--address" in rest:
@@ -81,34 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             del rest[i:i + 2]
         rest = [a for a in rest if not a.startswith("--address=")]
         try:
-            return _run_as_job(args.address, rest, args.timeout)
+            return run_status_job(args.address, rest, args.timeout)
         except (ConnectionError, RuntimeError) as e:
             print(f"error: cannot run the status job at {args.address}: {e}", file=sys.stderr)
             return 2
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from mining.connect import connect
-
-    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
-    try:
-        connect(address, namespace=NAMESPACE, log_to_driver=False)
-    except Exception as e:
-        print(f"error: cannot connect to Ray at {address}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    try:
-        st = gather(args.data, args.index, args.nights, timeout_s=args.timeout)
-    except Exception as e:
-        print(f"error: status collection failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    finally:
-        try:
-            import ray
-
-            ray.shutdown()
-        except Exception:
-            pass
-    print(json.dumps(st, sort_keys=True, default=str) if args.json else format_status(st))
-    return 0
+    return print_status(args.address, args.data, args.index, args.nights, timeout_s=args.timeout, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -201,3 +201,74 @@ def format_status(st: dict) -> str:
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+def run_status_job(address: str, argv: list[str], timeout_s: float) -> int:
+    """Run ``python -m jobs.status <argv>`` on the cluster through the Jobs API (``address``: its
+    ``http://`` address) and print its output.
+
+    Returns:
+        the exit code: 0 the job succeeded, 2 it failed or is still running after ``timeout_s`` seconds.
+    Raises:
+        ConnectionError, RuntimeError: the Jobs API cannot be reached or refused the job.
+    """
+    import shlex
+    import sys
+    import time
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    sid = client.submit_job(entrypoint=shlex.join(["python", "-m", "jobs.status", *argv]),
+                            metadata={"kind": "status"})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = client.get_job_status(sid)
+        st = str(getattr(st, "value", st))
+        if st in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        if time.monotonic() > deadline:
+            print(f"error: status job {sid} still {st} after {timeout_s:.0f} s", file=sys.stderr)
+            return 2
+        time.sleep(1.0)
+    logs = client.get_job_logs(sid).splitlines()
+    # drop the job supervisor's preamble ("Runtime env is setting up.", "Running entrypoint ...")
+    start = next((i + 1 for i, ln in enumerate(logs) if ln.startswith("Running entrypoint for job")), 0)
+    print("\n".join(logs[start:]))
+    return 0 if st == "SUCCEEDED" else 2
+
+
+def print_status(address: str | None, data_root: str | None, index_root: str | None, nights: int = 7, *,
+                 timeout_s: float = 120.0, as_json: bool = False) -> int:
+    """Connect (``address``, else ``$RAY_ADDRESS``, else ``auto``), :func:`gather` the status in the
+    cluster and print it (:func:`format_status`, or one JSON object with ``as_json``).
+
+    Returns:
+        the exit code: 0 printed, 2 cannot connect or the collection failed (one line on stderr).
+    """
+    import json
+    import sys
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from mining.connect import connect
+
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        connect(address, namespace=NAMESPACE, log_to_driver=False)
+    except Exception as e:
+        print(f"error: cannot connect to Ray at {address}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    try:
+        st = gather(data_root, index_root, nights, timeout_s=timeout_s)
+    except Exception as e:
+        print(f"error: status collection failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        try:
+            import ray
+
+            ray.shutdown()
+        except Exception:
+            pass
+    print(json.dumps(st, sort_keys=True, default=str) if as_json else format_status(st))
+    return 0
