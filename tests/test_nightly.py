@@ -183,3 +183,22 @@ def test_odd_and_broken_frames_are_mined_or_reported(ray_head, tmp_path):
     t = open_patches(out).to_table()
     ex = t.filter(pa.compute.ends_with(t["image_uri"], "exif_rot90.jpg"))
     assert max(ex["x1"].to_pylist()) <= 200 and max(ex["y1"].to_pylist()) <= 320
+
+
+def test_nightly_summary_ends_with_the_nights_own_next_command():
+    """The nightly already grew the index: its summary points at querying it, not at jobs.build_index."""
+    from mining.nightly import format_nightly
+
+    s = {"date": "2026-11-20", "run_id": "r1", "shards_total": 2, "shards_skipped": 0, "shards_mined": 2,
+         "shards_failed": 0, "new_shards": 2, "nothing_to_do": False, "images": 2, "patches": 20, "errors": 0,
+         "wall_s": 1.0, "images_per_s": 2.0, "patches_per_s": 20.0, "stage_s": {}, "output": "/data/mined",
+         "index": {"version": "v2", "kind": "flat", "n": 20, "changed": True}, "index_root": "/data/index",
+         "reloaded": {"old": "v1", "new": "v2", "swapped": True}}
+    lines = format_nightly(s).splitlines()
+    assert not any("jobs.build_index" in ln for ln in lines), lines
+    assert lines[-1].startswith("next: python -m jobs.query --index /data/index "), lines[-1]
+    assert "--address" in lines[-1]  # the reloaded query actor serves the new version
+    assert sum(ln.startswith("next:") for ln in lines) == 1
+    # without --index the night did not touch an index: building one is the next step
+    lines = format_nightly({**s, "index": None, "index_root": None, "reloaded": None}).splitlines()
+    assert lines[-1].startswith("next: python -m jobs.build_index --data /data/mined"), lines[-1]
