@@ -14,7 +14,6 @@ model recorded in the index manifest. Prints the actor's ``health()`` as one JSO
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -46,45 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import ray
+    from mining.query_cli import serve_query
 
-    from mining.connect import connect
-    from mining.query_actor import ACTOR_NAME, NAMESPACE, get_actor, start_actor, stop_actor
-
-    name, ns = args.name or ACTOR_NAME, args.namespace or NAMESPACE
-    connect(args.address, namespace=ns)
-    try:
-        if args.stop:
-            ok = stop_actor(name, ns)
-            print(json.dumps({"stopped": ok, "name": name, "namespace": ns}))
-            return 0
-        if args.reload or args.health:
-            try:
-                actor = get_actor(name, ns, timeout_s=5)
-            except LookupError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 3
-            out = ray.get(actor.reload.remote() if args.reload else actor.health.remote())
-            print(json.dumps(out, default=str))
-            return 0
-        if not args.index:
-            print("error: --index <index root> is required to start the query actor", file=sys.stderr)
-            return 2
-        actor, health = start_actor(
-            args.index, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-            clip_random_init=args.clip_random_init, allowed_prefixes=args.allow_prefix, k_cap=args.k_cap,
-            dedup_overlap=args.overlap, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
-            max_concurrency=args.max_concurrency, faiss_threads=args.faiss_threads, name=name, namespace=ns)
-        if health.get("index_root") != args.index:
-            print(f"note: actor {name!r} was already running on {health.get('index_root')!r}; "
-                  f"stop it first to serve {args.index!r}", file=sys.stderr)
-        if health.get("random_init"):
-            print("WARNING: the index was built from RANDOMLY INITIALISED CLIP weights: results are not semantic",
-                  file=sys.stderr)
-        print(json.dumps(health, default=str))
-        return 0
-    finally:
-        ray.shutdown()
+    action = "stop" if args.stop else "reload" if args.reload else "health" if args.health else "start"
+    return serve_query(args.address, action=action, index=args.index, name=args.name, namespace=args.namespace,
+                       clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                       clip_random_init=args.clip_random_init, allowed_prefixes=args.allow_prefix, k_cap=args.k_cap,
+                       dedup_overlap=args.overlap, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
+                       max_concurrency=args.max_concurrency, faiss_threads=args.faiss_threads)
 
 
 if __name__ == "__main__":

@@ -263,3 +263,53 @@ def _run_actor(args, method, pargs, kw):
         ray.shutdown()
 
 
+
+
+def serve_query(address: str | None, *, action: str = "start", index: str | None = None, name: str | None = None,
+                namespace: str | None = None, **start_kwargs) -> int:
+    """What ``python -m jobs.serve_query`` does: start (or get) the named detached query actor, or
+    ``action`` "stop" / "reload" / "health" it; prints one JSON line.
+
+    Args:
+        address: Ray address (see :func:`mining.connect.connect`).
+        index: index root (local or s3://); required to start.
+        start_kwargs: the keyword arguments of :func:`mining.query_actor.start_actor`.
+    Returns:
+        the exit code: 0 ok, 2 no ``index`` to start, 3 no running actor (reload / health).
+    """
+    import ray
+
+    from mining.connect import connect
+    from mining.query_actor import ACTOR_NAME, NAMESPACE, get_actor, start_actor, stop_actor
+
+    name, ns = name or ACTOR_NAME, namespace or NAMESPACE
+    connect(address, namespace=ns)
+    try:
+        if action == "stop":
+            ok = stop_actor(name, ns)
+            print(json.dumps({"stopped": ok, "name": name, "namespace": ns}))
+            return 0
+        if action in ("reload", "health"):
+            try:
+                actor = get_actor(name, ns, timeout_s=5)
+            except LookupError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 3
+            out = ray.get(actor.reload.remote() if action == "reload" else actor.health.remote())
+            print(json.dumps(out, default=str))
+            return 0
+        if not index:
+            print("error: --index <index root> is required to start the query actor", file=sys.stderr)
+            return 2
+        actor, health = start_actor(index, name=name, namespace=ns, **start_kwargs)
+        if health.get("index_root") != index:
+            print(f"note: actor {name!r} was already running on {health.get('index_root')!r}; "
+                  f"stop it first to serve {index!r}", file=sys.stderr)
+        if health.get("random_init"):
+            print("WARNING: the index was built from RANDOMLY INITIALISED CLIP weights: results are not semantic",
+                  file=sys.stderr)
+        print(json.dumps(health, default=str))
+        return 0
+    finally:
+        ray.shutdown()
+
