@@ -23,6 +23,11 @@ one H200 from them (``device_cost.project_h200``; a projection, labelled as such
 
 Random weights (default, no pretrained weights here): the real architecture, real FLOPs and
 timing; embeddings are not semantic. The last line is one JSON object.
+
+Each configuration starts a private local Ray: set ``RAY_AUTH_MODE`` as for any local Ray (README,
+"Token authentication"); ``benchmarks/gpu_check.sh`` sets it to ``disabled``. Left unset, Ray 2.60
+turns token auth on and writes ``~/.ray/auth_token``, which every later ``ray start`` on the machine
+then picks up.
 """
 from __future__ import annotations
 
