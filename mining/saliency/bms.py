@@ -186,13 +186,9 @@ class BooleanMapSaliency(SaliencyBackend):
 
         from mining.saliency import torch_ops as T
 
-        out: list = [None] * len(images)
+        out, shapes = T.split_tiny(images)
         groups = []   # (h, w, hs, ws, sigma, indices): shapes that run on the device
-        for (h, w), idx in T.group_by_shape(images).items():
-            if min(h, w) < 8:
-                for i in idx:
-                    out[i] = torch.zeros((h, w), dtype=torch.float32, device=images[i].device)
-                continue
+        for (h, w), idx in shapes.items():
             hs, ws = T.working_size(h, w, min(self.work_size, max(h, w)))
             sigma = max(self.blur_frac * max(hs, ws), 0.5)
             if self.blur_frac > 0 and (int(round(sigma * 8 + 1)) | 1) // 2 >= min(hs, ws):

@@ -72,7 +72,8 @@ def spectral_residual_map(channels: np.ndarray, blur_frac: float = 0.03) -> np.n
     f[0, 0] = 0
     amp = np.abs(f)
     log_a = np.log(amp + 1e-8).astype(np.float32)
-    log_a[0, 0] = (log_a[0, 1] + log_a[1, 0] + log_a[1, 1]) / np.float32(3) if min(log_a.shape[:2]) > 1 else log_a[0, 0]
+    if min(log_a.shape[:2]) > 1:
+        log_a[0, 0] = (log_a[0, 1] + log_a[1, 0] + log_a[1, 1]) / np.float32(3)
     resid = log_a - cv2.blur(log_a, (3, 3), borderType=cv2.BORDER_REFLECT)
     phase = f / (amp + 1e-8)
     s = np.abs(np.fft.ifft2(np.exp(resid) * phase, axes=(0, 1))) ** 2
@@ -127,12 +128,8 @@ class MultiScaleSpectralResidual(SaliencyBackend):
 
         from mining.saliency import torch_ops as T
 
-        out: list = [None] * len(images)
-        for (h, w), idx in T.group_by_shape(images).items():
-            if min(h, w) < 8:
-                for i in idx:
-                    out[i] = torch.zeros((h, w), dtype=torch.float32, device=images[i].device)
-                continue
+        out, shapes = T.split_tiny(images)
+        for (h, w), idx in shapes.items():
             x = torch.stack([images[i] for i in idx])
             try:
                 lab = T.rgb_to_lab(x, "f32")
