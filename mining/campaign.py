@@ -50,7 +50,7 @@ def campaign_query(engine, campaign: str, k: int = 16, *, method: str = "probe",
     from mining.feedback import positives_negatives
     from mining.labels import campaign_state, check_campaign
     from mining.probe import FeedbackError, search_directions
-    from mining.query import QueryEngine, QueryError, _check_k, _Timer, dedup_per_image, validate_filters
+    from mining.query import QueryEngine, QueryError, _check_k, _Timer, ranked_candidates, validate_filters
 
     t0 = time.perf_counter()
     cpu0 = time.thread_time()
@@ -86,29 +86,11 @@ def campaign_query(engine, campaign: str, k: int = 16, *, method: str = "probe",
     except FeedbackError as e:
         raise QueryError(f"campaign {campaign!r}: {e}") from None
     timer.encode_ms = (time.perf_counter() - t0) * 1e3
-    n = snap.ntotal
-    fetch = min(n, max(int(candidates), k))
+    fetch = min(snap.ntotal, max(int(candidates), k))
     max_ov = engine.config.dedup_overlap if dedup else None
-    while True:
-        ts = time.perf_counter()
-        _, I = snap.index.search(np.ascontiguousarray(Q, np.float32), fetch)
-        timer.search_ms += (time.perf_counter() - ts) * 1e3
-        timer.searches += 1
-        ids = np.unique(I[I >= 0])
-        rows, found = snap.rows_of(ids)
-        if filters:
-            found &= snap.filter_mask(rows, filters)
-        ids, rows = ids[found], rows[found]
-        tr = time.perf_counter()
-        scores = scorer(vec(ids)).astype(np.float32)
-        order = np.lexsort((ids, -scores))
-        ids, scores, rows = ids[order], scores[order], rows[order]
-        keep = dedup_per_image(snap.image_codes[rows], snap.boxes[rows], k, max_ov)
-        timer.rerank_dedup_ms += (time.perf_counter() - tr) * 1e3
-        if len(keep) >= k or fetch >= n:
-            break
-        fetch = min(n, fetch * 4)
-    timer.fetched = int(fetch)
+    rows, scores, keep = ranked_candidates(snap, np.ascontiguousarray(Q, np.float32), k, fetch, filters, max_ov,
+                                           timer, lambda ids, _: scorer(vec(ids)).astype(np.float32))
+    fetch = timer.fetched
     table = QueryEngine._result(snap, rows[keep], scores[keep])
     timer.extra["non_encoder_cpu_ms"] = round((time.thread_time() - cpu0) * 1e3, 4)
     desc = {"type": "campaign", "campaign": campaign, "method": method, "round": st.rounds + 1,

@@ -503,6 +503,56 @@ class _Timer:
         return d
 
 
+def ranked_candidates(snap: "IndexSnapshot", Q: np.ndarray, k: int, fetch: int, filters: dict,
+                      max_ov: float | None, timer: "_Timer", score, *, single: bool = False):
+    """The shared candidate loop of every query: ANN search of ``fetch`` candidates, metadata
+    filters, scoring, ordering (score desc, ties by patch id) and per-image dedup (§3.3.1),
+    fetching 4x more until ``k`` hits survive or the index is exhausted.
+
+    Args:
+        Q: (q, D) float32 query directions. fetch: first candidate count.
+        score: ``score(ids, index_scores) -> (n,) float32``; ``index_scores`` are the index's
+            own scores of a single query (``single=True``), else None.
+        single: one query: keep the index's order/scores of ``Q[0]``'s hits (no union).
+    Returns:
+        (rows, scores, keep): metadata rows and scores of the ordered candidates, and the
+        indices into them that survive dedup (at most k). ``timer.fetched`` is set.
+    """
+    n = snap.ntotal
+    keep = scores = rows = np.zeros(0, np.int64)
+    while n > 0:
+        ts = time.perf_counter()
+        D, I = snap.index.search(Q, fetch)
+        timer.search_ms += (time.perf_counter() - ts) * 1e3
+        timer.searches += 1
+        tm = time.perf_counter()
+        d = None
+        if single:
+            ids, d = I[0], D[0]
+            valid = ids >= 0
+            ids, d = ids[valid], d[valid].astype(np.float32)
+        else:
+            ids = np.unique(I[I >= 0])
+        rows, found = snap.rows_of(ids)
+        if filters:
+            found &= snap.filter_mask(rows, filters)
+        ids, rows = ids[found], rows[found]
+        if d is not None:
+            d = d[found]
+        timer.metadata_ms += (time.perf_counter() - tm) * 1e3
+        tr = time.perf_counter()
+        scores = score(ids, d)
+        order = np.lexsort((ids, -scores))  # score desc, ties by patch id: deterministic
+        ids, scores, rows = ids[order], scores[order], rows[order]
+        keep = dedup_per_image(snap.image_codes[rows], snap.boxes[rows], k, max_ov)
+        timer.rerank_dedup_ms += (time.perf_counter() - tr) * 1e3
+        if len(keep) >= k or fetch >= n:
+            break
+        fetch = min(n, fetch * 4)
+    timer.fetched = int(fetch) if n else 0
+    return rows, scores, keep
+
+
 class QueryEngine:
     """Search a patch index with text, an image crop, several examples or a raw embedding.
 
@@ -872,48 +922,25 @@ class QueryEngine:
         Q = np.ascontiguousarray(Q, np.float32)
         n = snap.ntotal
         fetch = min(n, max(k * max(1, self.config.overfetch), k + 32))
-        keep = ids = scores = rows = np.zeros(0, np.int64)
-        while n > 0:
-            ts = time.perf_counter()
-            D, I = snap.index.search(Q, fetch)
-            timer.search_ms += (time.perf_counter() - ts) * 1e3
-            timer.searches += 1
-            tm = time.perf_counter()
+
+        def score(ids: np.ndarray, index_scores: np.ndarray | None) -> np.ndarray:
+            if not (mode != "single" or neg is not None or do_rerank):
+                return index_scores
+            vecs = np.asarray(snap.index.reconstruct_exact(ids), np.float32) if len(ids) else \
+                np.zeros((0, snap.dim), np.float32)
+            S = vecs @ Q.T  # (n, q) exact cosines
             if mode == "single":
-                ids, scores = I[0], D[0]
-                valid = ids >= 0
-                ids, scores = ids[valid], scores[valid].astype(np.float32)
+                out = S[:, 0]
+            elif mode == "max":
+                out = S.max(axis=1)
             else:
-                ids = np.unique(I[I >= 0])
-            rows, found = snap.rows_of(ids)
-            if filters:
-                found &= snap.filter_mask(rows, filters)
-            ids, rows = ids[found], rows[found]
-            if mode == "single":
-                scores = scores[found]
-            timer.metadata_ms += (time.perf_counter() - tm) * 1e3
-            tr = time.perf_counter()
-            if mode != "single" or neg is not None or do_rerank:
-                vecs = np.asarray(snap.index.reconstruct_exact(ids), np.float32) if len(ids) else \
-                    np.zeros((0, snap.dim), np.float32)
-                S = vecs @ Q.T  # (n, q) exact cosines
-                if mode == "single":
-                    scores = S[:, 0]
-                elif mode == "max":
-                    scores = S.max(axis=1)
-                else:
-                    scores = S.sum(axis=1)
-                if neg is not None and len(ids):
-                    scores = scores - neg_weight * (vecs @ neg.T).max(axis=1)
-                scores = scores.astype(np.float32)
-            order = np.lexsort((ids, -scores))  # score desc, ties by patch id: deterministic
-            ids, scores, rows = ids[order], scores[order], rows[order]
-            keep = dedup_per_image(snap.image_codes[rows], snap.boxes[rows], k, max_ov)
-            timer.rerank_dedup_ms += (time.perf_counter() - tr) * 1e3
-            if len(keep) >= k or fetch >= n:
-                break
-            fetch = min(n, fetch * 4)
-        timer.fetched = int(fetch) if n else 0
+                out = S.sum(axis=1)
+            if neg is not None and len(ids):
+                out = out - neg_weight * (vecs @ neg.T).max(axis=1)
+            return out.astype(np.float32)
+
+        rows, scores, keep = ranked_candidates(snap, Q, k, fetch, filters, max_ov, timer, score,
+                                               single=mode == "single")
         tm = time.perf_counter()
         table = self._result(snap, rows[keep], scores[keep])
         timer.metadata_ms += (time.perf_counter() - tm) * 1e3
