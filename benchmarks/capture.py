@@ -34,7 +34,6 @@ from mining.metrics import captured  # noqa: E402
 from mining.selection import DEFAULT_PRESET, DEFAULT_SALIENCY, PRESETS, get_preset, select_patches_batch  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gtsdb"
-RUN_DEVICE = "cpu"  # --device: where select_frames' frames live (set in main)
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- capture:begin -->", "<!-- capture:end -->"
 
@@ -119,12 +118,13 @@ def make_backend(selector: str, saliency: str | None, checkpoint: str | None = N
                          f"(pass --ranker-checkpoint PATH, or --ranker-random-init for a smoke run)") from None
 
 
-def run(items, config, backend, batch: int = 8, impl: str | None = None, keep_selections: bool = False) -> dict:
+def run(items, config, backend, batch: int = 8, impl: str | None = None, keep_selections: bool = False,
+        device: str = "cpu") -> dict:
     """Run selection on all items; return the metrics dict.
 
     ``impl``: None runs :func:`mining.selection.select_patches_batch` (numpy, the reference);
     ``"torch"`` / ``"numpy"`` run :func:`mining.select_device.select_frames` with that
-    implementation on (3, H, W) uint8 tensors on ``--device``. ``keep_selections`` adds the
+    implementation on (3, H, W) uint8 tensors on ``device``. ``keep_selections`` adds the
     per-image boxes under ``"_boxes"`` (for parity checks).
     """
     n_obj = 0
@@ -144,9 +144,9 @@ def run(items, config, backend, batch: int = 8, impl: str | None = None, keep_se
 
             from mining.select_device import select_frames
 
-            frames = [torch.from_numpy(im).permute(2, 0, 1).to(RUN_DEVICE) for im in images]
+            frames = [torch.from_numpy(im).permute(2, 0, 1).to(device) for im in images]
             sels = select_frames(frames, config, backend, impl=impl)
-            if RUN_DEVICE.startswith("cuda"):
+            if device.startswith("cuda"):
                 torch.cuda.synchronize()
         elapsed += time.perf_counter() - t0
         if keep_selections:
@@ -313,8 +313,6 @@ def main(argv=None) -> int:
                          "(default: the numpy reference select_patches_batch)")
     ap.add_argument("--device", default="cpu", help="device of the frames with --backend-impl (cpu | cuda)")
     args = ap.parse_args(argv)
-    global RUN_DEVICE
-    RUN_DEVICE = args.device
 
     if not (args.data / "annotations.csv").exists() or not (args.data / "images").is_dir():
         print(f"SKIP: no dataset at {args.data} (needs images/ and annotations.csv; ../shared absent?)")
@@ -340,7 +338,7 @@ def main(argv=None) -> int:
     backend = make_backend(args.selector, args.saliency, args.ranker_checkpoint, args.ranker_random_init)
     sal_name = getattr(backend, "name", args.saliency)
     items = load_dataset(args.data, args.limit, args.start)
-    res = run(items, cfg, backend, batch=args.batch, impl=args.backend_impl)
+    res = run(items, cfg, backend, batch=args.batch, impl=args.backend_impl, device=args.device)
     print_table(res, f"variant {variant}  selector {args.selector}  saliency {sal_name}")
     out = {"variant": variant, "selector": args.selector, "saliency": sal_name,
            "backend_impl": args.backend_impl or "numpy-reference", "device": args.device,

@@ -142,15 +142,12 @@ def parity(data: Path, n: int | None, device: str) -> dict:
     from mining.saliency.base import get_backend
     from mining.selection import DEFAULT_PRESET, DEFAULT_SALIENCY, get_preset
 
-    import capture as cap
-
     if not (data / "annotations.csv").exists():
         return {"parity_boxes_equal_frac": None, "capture_delta": None, "parity_frames": 0}
     items = load_dataset(data, n)
     cfg, backend = get_preset(DEFAULT_PRESET), get_backend(DEFAULT_SALIENCY)
     ref = run(items, cfg, backend, batch=8, keep_selections=True)
-    cap.RUN_DEVICE = device
-    dev = run(items, cfg, backend, batch=8, impl="torch", keep_selections=True)
+    dev = run(items, cfg, backend, batch=8, impl="torch", keep_selections=True, device=device)
     same = [a.shape == b.shape and bool((a == b).all()) for a, b in zip(ref["_boxes"], dev["_boxes"])]
     return {"parity_frames": len(items), "parity_boxes_equal_frac": round(sum(same) / max(len(same), 1), 4),
             "capture_reference": round(ref["capture"], 4), "capture_device_path": round(dev["capture"], 4),
