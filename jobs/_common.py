@@ -56,6 +56,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=d.device, help="torch device in the actors (default: cuda when visible, else cpu)")
     g.add_argument("--decode-threads", type=int, default=d.decode_threads,
                    help="decode (+ selection on CPU) threads per actor (default: the actor's CPUs)")
+    g.add_argument("--select-impl", default=d.select_impl, choices=["torch", "numpy"],
+                   help="patch selection implementation (default: torch on GPU actors, numpy on CPU actors)")
+    g.add_argument("--frame-batch", type=int, default=d.frame_batch,
+                   help="frames per decode/select/crop batch, >= 1 (default: 32 on GPU, 4 on CPU)")
     g.add_argument("--max-attempts", type=int, default=r["max_attempts"],
                    help=f"tries per shard before it is recorded as failed (default {r['max_attempts']})")
     g.add_argument("--images-per-shard", type=int, default=r["images_per_dir_shard"],
@@ -75,7 +79,8 @@ def mine_config(args: argparse.Namespace, date: str | None = None):
         ranker_random_init=args.ranker_random_init, clip_model=args.clip_model,
         clip_pretrained=None if args.clip_random_init else args.clip_pretrained,
         clip_random_init=args.clip_random_init, batch_size=args.batch_size, device=args.device,
-        decode_threads=args.decode_threads, date=date or getattr(args, "date", None),
+        decode_threads=args.decode_threads, select_impl=args.select_impl, frame_batch=args.frame_batch,
+        date=date or getattr(args, "date", None),
     )
 
 
