@@ -1,0 +1,8 @@
+"""Epitomes of the fleet's own frames (Malkin, Ortiz & Jojic, ECCV 2020): model, training, saliency.
+
+* :mod:`mining.epitome.model`: the diagonal-Gaussian epitome, Eq. 5 as convolutions, the
+  versioned model file;
+* :mod:`mining.epitome.fit`: SGD with location promotion and diversification (§3);
+* :mod:`mining.epitome.backend`: the ``epitome`` saliency backend and per-box novelty;
+* :mod:`mining.epitome.job`: the Ray Train job behind ``python -m jobs.train_epitome``.
+"""
