@@ -95,26 +95,22 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def make_backend(selector: str, saliency: str | None, checkpoint: str | None = None, random_init: bool = False):
-    """The saliency backend for ``--selector`` (saliency maps or a learned ranker's maps)."""
-    from mining.saliency import get_backend
-    from mining.saliency.base import available_backends
+    """The saliency backend for ``--selector`` (saliency maps or a learned ranker's maps).
 
-    if selector == "saliency":
-        return get_backend(saliency or DEFAULT_SALIENCY)
-    if selector not in available_backends():
-        raise SystemExit(
-            f"error: selector {selector!r} is not registered (mining.ranking did not register it); "
-            f"available backends: {available_backends()}"
-        )
-    kwargs = {}
-    if checkpoint:
-        kwargs["checkpoint"] = checkpoint
-    if random_init:
-        kwargs["random_init"] = True
+    The same registry call as the mining job (:func:`mining.registry.backend_from_config`);
+    ``checkpoint`` is the LTRP checkpoint for ``ltrp`` and the MAE checkpoint for ``kpp``.
+    Raises SystemExit with a hint when the backend cannot be created.
+    """
+    from mining.registry import backend_from_config
+
+    options = {"selector": selector, "saliency": saliency or DEFAULT_SALIENCY, "ltrp_checkpoint": checkpoint,
+               "mae_checkpoint": checkpoint, "ranker_random_init": random_init}
     try:
-        return get_backend(selector, **kwargs)
+        return backend_from_config(options)
+    except KeyError as e:
+        raise SystemExit(f"error: {e.args[0]}") from None
     except (ValueError, FileNotFoundError, TypeError) as e:
-        raise SystemExit(f"error: cannot create the {selector!r} ranker: {e} "
+        raise SystemExit(f"error: cannot create the {selector!r} backend: {e} "
                          f"(pass --ranker-checkpoint PATH, or --ranker-random-init for a smoke run)") from None
 
 
@@ -200,11 +196,14 @@ def print_table(res: dict, title: str) -> None:
 
 
 def weight_free_backends() -> list[str]:
-    from mining.saliency.base import _REGISTRY, available_backends
+    from mining.registry import available_backends, backend_class
 
     names = []
     for n in available_backends():
-        cls = _REGISTRY[n]
+        try:
+            cls = backend_class(n)
+        except ImportError:  # e.g. simplenet without torch: not benchmarked
+            continue
         if getattr(cls, "weight_free", False) and not getattr(cls, "benchmark_skip", False):
             names.append(n)
     return names

@@ -147,17 +147,15 @@ class MineConfig:
 
 
 def make_backend(cfg: MineConfig):
-    """The saliency map backend for ``cfg.selector`` (one selector, several map sources)."""
-    from mining.saliency.base import get_backend
+    """The saliency map backend for ``cfg.selector`` (one selector, several map sources).
 
-    if cfg.selector == "saliency":
-        return get_backend(cfg.saliency)
-    if cfg.selector in ("ltrp", "kpp"):
-        from mining.ranking import backend_from_args
+    One registry call for every selector; the MineConfig fields -> backend kwargs mapping is
+    :data:`mining.registry.OPTION_KWARGS`. Raises ValueError (unknown selector, ranker without
+    weights) or KeyError (unknown saliency backend).
+    """
+    from mining.registry import backend_from_config
 
-        return backend_from_args(cfg.selector, ltrp_checkpoint=cfg.ltrp_checkpoint, mae_checkpoint=cfg.mae_checkpoint,
-                                 kpp_ratio=cfg.kpp_ratio, random_init=cfg.ranker_random_init, device=cfg.device)
-    raise ValueError(f"unknown selector {cfg.selector!r}; use saliency, ltrp or kpp")
+    return backend_from_config(cfg)
 
 
 class ShardMiner:

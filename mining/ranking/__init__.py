@@ -4,12 +4,13 @@
 * ``kpp`` backend: Key Patch Proposer (Xu et al. 2024), greedy MAE reconstruction.
 * training: :mod:`mining.ranking.train` (Ray Train; CLI ``python -m jobs.train_ltrp``).
 
-Importing this package registers both backends with
-:mod:`mining.saliency.base` and does not import torch (models load lazily).
+Both backends are entries of the one backend registry, :mod:`mining.registry` (which
+imports this package only when one of them is created). Importing this package does not
+import torch (models load lazily).
 """
 from __future__ import annotations
 
-from mining.ranking.backends import (  # noqa: F401  (registers "ltrp" and "kpp")
+from mining.ranking.backends import (  # noqa: F401
     ENV_KPP_RATIO,
     ENV_LTRP_CHECKPOINT,
     ENV_MAE_ARCH,
@@ -19,15 +20,16 @@ from mining.ranking.backends import (  # noqa: F401  (registers "ltrp" and "kpp"
     KPPBackend,
     LTRPBackend,
 )
+from mining.registry import RANKERS, backend_from_config
 from mining.saliency.base import SaliencyBackend
 
-SELECTORS = ("ltrp", "kpp")
+SELECTORS = RANKERS
 
 
 def backend_from_args(selector: str, *, ltrp_checkpoint: str | None = None, mae_checkpoint: str | None = None,
                       kpp_ratio: float = 0.25, random_init: bool = False, arch: str | None = None,
                       device=None) -> SaliencyBackend:
-    """Map the mining job's CLI options to a ranking backend.
+    """Map the mining job's CLI options to a ranking backend (delegates to :func:`mining.registry.backend_from_config`).
 
     CLI -> kwargs: ``--selector ltrp|kpp`` -> ``selector``; ``--ltrp-checkpoint`` ->
     ``ltrp_checkpoint``; ``--mae-checkpoint`` -> ``mae_checkpoint``; ``--kpp-ratio`` ->
@@ -42,12 +44,11 @@ def backend_from_args(selector: str, *, ltrp_checkpoint: str | None = None, mae_
         ValueError: unknown selector, or no weights and ``random_init`` False (the
             message names ``--ltrp-checkpoint`` / ``--mae-checkpoint`` / ``--ranker-random-init``).
     """
-    if selector == "ltrp":
-        return LTRPBackend(checkpoint=ltrp_checkpoint, random_init=random_init, arch=arch, device=device)
-    if selector == "kpp":
-        return KPPBackend(mae_checkpoint=mae_checkpoint, random_init=random_init, arch=arch, device=device,
-                          ratio=kpp_ratio)
-    raise ValueError(f"unknown ranking selector {selector!r}; expected one of {SELECTORS}")
+    if selector not in SELECTORS:
+        raise ValueError(f"unknown ranking selector {selector!r}; expected one of {SELECTORS}")
+    return backend_from_config({"selector": selector, "ltrp_checkpoint": ltrp_checkpoint,
+                                "mae_checkpoint": mae_checkpoint, "kpp_ratio": kpp_ratio,
+                                "ranker_random_init": random_init, "arch": arch, "device": device})
 
 
 __all__ = ["LTRPBackend", "KPPBackend", "backend_from_args", "SELECTORS", "ENV_KPP_RATIO", "ENV_LTRP_CHECKPOINT",

@@ -6,19 +6,20 @@ candidate-box selector in :mod:`mining.selection` consumes these maps, whether
 they come from OpenCV spectral residual, SimpleNet (thesis §2.2.1) or a learned
 patch ranker such as LTRP (its token scores rendered as a map).
 
-Backends register themselves by name with :func:`register_backend` and are
-created with :func:`get_backend`.
+Backends are named in the one registry, :mod:`mining.registry` (lazy entry points; see its
+docstring for why); :func:`register_backend`, :func:`get_backend` and
+:func:`available_backends` are re-exported here for the backend modules and old callers.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from mining.registry import available_backends, get_backend, register_backend  # noqa: F401  (re-exported)
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-_REGISTRY: dict[str, Callable[..., "SaliencyBackend"]] = {}
 
 
 class SaliencyBackend:
@@ -98,41 +99,3 @@ def normalize_map(sal: np.ndarray) -> np.ndarray:
     if hi - lo < 1e-12:
         return np.zeros_like(sal, dtype=np.float32)
     return (sal - lo) / (hi - lo)
-
-
-def register_backend(name: str):
-    """Class decorator: register a backend factory under ``name``."""
-
-    def deco(cls):
-        _REGISTRY[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
-
-
-def get_backend(name: str, **kwargs) -> SaliencyBackend:
-    """Create a registered backend by name.
-
-    Raises:
-        KeyError: unknown name; the message lists the registered names.
-    """
-    # importing the package registers the built-in backends
-    import mining.saliency  # noqa: F401
-    try:
-        import mining.ranking  # noqa: F401  (registers learned rankers, if present)
-    except ImportError:
-        pass
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown saliency backend {name!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**kwargs)
-
-
-def available_backends() -> list[str]:
-    """Names of all registered backends (saliency maps and learned patch rankers)."""
-    import mining.saliency  # noqa: F401
-    try:
-        import mining.ranking  # noqa: F401
-    except ImportError:
-        pass
-    return sorted(_REGISTRY)
