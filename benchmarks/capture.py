@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mining.metrics import captured  # noqa: E402
+from mining.metrics import best_coverage, captured  # noqa: E402
 from mining.selection import DEFAULT_PRESET, DEFAULT_SALIENCY, PRESETS, get_preset, select_patches_batch  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gtsdb"
@@ -175,6 +175,111 @@ def run(items, config, backend, batch: int = 8, impl: str | None = None, keep_se
     }
 
 
+MISS_TILE = 256         # px, square tile (the crop scaled to fit, letterboxed)
+MISS_CAPTION = 34       # px of caption under each tile
+MISS_COLS, MISS_ROWS = 8, 6  # 48 tiles per sheet
+OBJECT_RGB, PATCH_RGB = (40, 230, 40), (255, 60, 40)
+
+
+def _miss_tile(image: np.ndarray, obj, patches: np.ndarray, caption: tuple[str, str]) -> np.ndarray:
+    """One contact-sheet tile: (MISS_TILE + MISS_CAPTION, MISS_TILE, 3) uint8 RGB.
+
+    The crop is a square of side max(3 x the object's larger side, 160 px) centred on the object
+    (shifted to stay inside the image), scaled to MISS_TILE px; the object's box in green, every
+    selected patch that intersects the crop in red.
+    """
+    import cv2
+
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in obj)
+    side = max(3 * max(x1 - x0, y1 - y0), 160)
+    cx0 = int(min(max((x0 + x1) // 2 - side // 2, 0), max(w - side, 0)))
+    cy0 = int(min(max((y0 + y1) // 2 - side // 2, 0), max(h - side, 0)))
+    cx1, cy1 = min(cx0 + side, w), min(cy0 + side, h)
+    scale = MISS_TILE / max(cx1 - cx0, cy1 - cy0)
+    crop = cv2.resize(image[cy0:cy1, cx0:cx1], (max(1, round((cx1 - cx0) * scale)), max(1, round((cy1 - cy0) * scale))),
+                      interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    tile = np.full((MISS_TILE + MISS_CAPTION, MISS_TILE, 3), 255, np.uint8)
+    tile[:crop.shape[0], :crop.shape[1]] = crop
+    view = tile[:MISS_TILE]
+
+    def box(b, rgb):
+        p0 = (int(round((b[0] - cx0) * scale)), int(round((b[1] - cy0) * scale)))
+        p1 = (int(round((b[2] - cx0) * scale)) - 1, int(round((b[3] - cy0) * scale)) - 1)
+        cv2.rectangle(view, p0, p1, rgb, 1, cv2.LINE_AA)
+
+    for b in np.asarray(patches).reshape(-1, 4):
+        if b[0] < cx1 and b[2] > cx0 and b[1] < cy1 and b[3] > cy0:
+            box(b, PATCH_RGB)
+    box((x0, y0, x1, y1), OBJECT_RGB)
+    for k, line in enumerate(caption):
+        cv2.putText(tile, line, (3, MISS_TILE + 14 + 15 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+    return tile
+
+
+def write_misses(items, res: dict, out_dir: Path) -> int:
+    """Contact sheets and a CSV of the annotated objects the selection did NOT capture.
+
+    Args:
+        items: the :func:`load_dataset` list that ``res`` was computed on.
+        res: :func:`run`'s result with ``keep_selections=True`` (per-image boxes in ``"_boxes"``).
+        out_dir: created if needed; receives ``misses_000.jpg``, ``misses_001.jpg``, ... (up to
+            48 tiles each, see :func:`_miss_tile`; captions: image, class id, object size in px,
+            best cover and fill of :func:`mining.metrics.best_coverage`) and ``misses.csv``
+            (image, x0, y0, x1, y1, class_id, best_cover, best_fill, sheet, tile; one row per tile).
+    Returns:
+        the number of missed objects (= tiles = CSV rows); the capture criterion is
+        :func:`mining.metrics.captured`, as in :func:`run`.
+    Raises:
+        ValueError: ``res`` has no per-image boxes.
+    """
+    import cv2
+
+    if len(res.get("_boxes", [])) != len(items):
+        raise ValueError("write_misses needs run(..., keep_selections=True) on the same items")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_sheet = MISS_COLS * MISS_ROWS
+    tiles: list[np.ndarray] = []
+    n_sheets = 0
+
+    def flush():
+        nonlocal n_sheets
+        rows = [tiles[r * MISS_COLS:(r + 1) * MISS_COLS] for r in range((len(tiles) + MISS_COLS - 1) // MISS_COLS)]
+        blank = np.full_like(tiles[0], 255)
+        sheet = np.vstack([np.hstack(r + [blank] * (MISS_COLS - len(r))) for r in rows])
+        path = out_dir / f"misses_{n_sheets:03d}.jpg"
+        if not cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]):
+            raise OSError(f"cannot write {path}")
+        n_sheets += 1
+        tiles.clear()
+
+    n = 0
+    with open(out_dir / "misses.csv", "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["image", "x0", "y0", "x1", "y1", "class_id", "best_cover", "best_fill", "sheet", "tile"])
+        for (path, boxes, cls), sel in zip(items, res["_boxes"]):
+            if len(boxes) == 0:
+                continue
+            missed = ~captured(boxes, sel)
+            if not missed.any():
+                continue
+            cover, fill = best_coverage(boxes, sel)
+            image = read_rgb(path)
+            for i in np.flatnonzero(missed):
+                x0, y0, x1, y1 = (int(v) for v in boxes[i])
+                caption = (f"{path.name} cls {int(cls[i])} {x1 - x0}x{y1 - y0}px",
+                           f"cover {cover[i]:.2f} fill {fill[i]:.3f}")
+                tiles.append(_miss_tile(image, boxes[i], sel, caption))
+                wr.writerow([path.name, x0, y0, x1, y1, int(cls[i]), f"{cover[i]:.4f}", f"{fill[i]:.4f}",
+                             f"misses_{n_sheets:03d}.jpg", len(tiles) - 1])
+                n += 1
+                if len(tiles) == per_sheet:
+                    flush()
+    if tiles:
+        flush()
+    return n
+
+
 def split_capture(res: dict, split: int) -> tuple[float, float]:
     """Capture on images [0, split) and [split, end) of the run (validation split)."""
     h, im = res["_hits"], res["_image_of_object"]
@@ -311,6 +416,9 @@ def main(argv=None) -> int:
                     help="run the selector through mining.select_device.select_frames with this implementation "
                          "(default: the numpy reference select_patches_batch)")
     ap.add_argument("--device", default="cpu", help="device of the frames with --backend-impl (cpu | cuda)")
+    ap.add_argument("--misses", type=Path, default=None, metavar="DIR",
+                    help="write contact sheets (misses_000.jpg, ...; 48 tiles each) and misses.csv of the objects "
+                         "that were NOT captured, with the selected patches drawn around them")
     args = ap.parse_args(argv)
 
     if not (args.data / "annotations.csv").exists() or not (args.data / "images").is_dir():
@@ -337,12 +445,17 @@ def main(argv=None) -> int:
     backend = make_backend(args.selector, args.saliency, args.ranker_checkpoint, args.ranker_random_init)
     sal_name = getattr(backend, "name", args.saliency)
     items = load_dataset(args.data, args.limit, args.start)
-    res = run(items, cfg, backend, batch=args.batch, impl=args.backend_impl, device=args.device)
+    res = run(items, cfg, backend, batch=args.batch, impl=args.backend_impl, device=args.device,
+              keep_selections=args.misses is not None)
     print_table(res, f"variant {variant}  selector {args.selector}  saliency {sal_name}")
     out = {"variant": variant, "selector": args.selector, "saliency": sal_name,
            "backend_impl": args.backend_impl or "numpy-reference", "device": args.device,
            **{k: res[k] for k in ("images", "objects", "capture", "patches_per_image", "ms_per_image")},
            "capture_by_category": res["capture_by_category"]}
+    if args.misses is not None:
+        n_missed = write_misses(items, res, args.misses)
+        print(f"misses: {n_missed} objects -> {args.misses}")
+        out["misses_dir"] = str(args.misses)
     print(json.dumps(out))
     return 0
 

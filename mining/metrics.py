@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["coverage_matrix", "captured", "capture_rate"]
+__all__ = ["coverage_matrix", "captured", "capture_rate", "best_coverage"]
 
 
 def _boxes(a, name: str) -> np.ndarray:
@@ -81,6 +81,39 @@ def captured(
     cover, fill = coverage_matrix(o, p)
     eps = 1e-12  # exact thresholds (e.g. exactly 50 %) count as captured
     return ((cover >= min_cover - eps) & (fill >= min_fill - eps)).any(axis=1)
+
+
+def best_coverage(
+    objects: np.ndarray, patches: np.ndarray, min_cover: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """How close each object came to being captured: its best cover and the matching fill.
+
+    ``cover[i]`` is the largest fraction of object i inside any one patch. ``fill[i]`` is the
+    largest fraction of a patch filled by object i among the patches that cover it by at least
+    ``min_cover``; when no patch does, it is the fill of the patch with the largest cover.
+    So object i is captured (:func:`captured` with the same ``min_cover``) iff
+    ``cover[i] >= min_cover`` and ``fill[i] >= min_fill``, and a miss reads as either "no patch
+    on it" (low cover) or "patches too large for it" (cover reached, low fill).
+
+    Args:
+        objects: (M, 4) object boxes x0, y0, x1, y1, pixels, x1/y1 exclusive.
+        patches: (N, 4) selected patch boxes, same convention (N may be 0).
+        min_cover: the cover threshold of :func:`captured` (0.5).
+    Returns:
+        ``(cover, fill)``, both (M,) float64 in [0, 1]; zeros when there are no patches.
+    Raises:
+        ValueError: malformed or empty boxes.
+    """
+    o = _boxes(objects, "objects")
+    p = _boxes(patches, "patches")
+    if len(o) == 0 or len(p) == 0:
+        return np.zeros(len(o)), np.zeros(len(o))
+    cover, fill = coverage_matrix(o, p)
+    best = cover.max(axis=1)
+    ok = cover >= min_cover - 1e-12
+    fill_ok = np.where(ok, fill, -1.0).max(axis=1)
+    fill_best = fill[np.arange(len(o)), cover.argmax(axis=1)]
+    return best, np.where(ok.any(axis=1), fill_ok, fill_best)
 
 
 def capture_rate(
