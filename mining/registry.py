@@ -52,6 +52,8 @@ BUILTIN: dict[str, str] = {
     "simplenet": "mining.saliency.simplenet:SimpleNetSaliency",
     "ltrp": "mining.ranking.backends:LTRPBackend",
     "kpp": "mining.ranking.backends:KPPBackend",
+    "epitome": "mining.epitome.backend:EpitomeSaliency",
+    "sr-bms-epitome": "mining.epitome.backend:SpectralBooleanEpitome",
 }
 
 # backend name -> {constructor kwarg: option name}; the options are MineConfig fields (or the
@@ -62,6 +64,8 @@ OPTION_KWARGS: dict[str, dict[str, str]] = {
              "device": "device"},
     "kpp": {"mae_checkpoint": "mae_checkpoint", "ratio": "kpp_ratio", "random_init": "ranker_random_init",
             "arch": "arch", "device": "device"},
+    "epitome": {"model": "epitome", "device": "device"},
+    "sr-bms-epitome": {"model": "epitome", "device": "device"},
 }
 
 RANKERS = ("ltrp", "kpp")

@@ -15,7 +15,19 @@ TINY_KWARGS = {
     "ltrp": {"random_init": True, "arch": "tiny-test", "device": "cpu"},
     "kpp": {"random_init": True, "arch": "tiny-test", "device": "cpu", "ratio": 0.02},
     "simplenet": {"allow_random": True, "encoder": "resnet", "device": "cpu"},
+    # a tiny randomly initialised epitome (no file needed)
+    "epitome": {"model": "tiny-epitome", "device": "cpu"},
+    "sr-bms-epitome": {"model": "tiny-epitome", "device": "cpu"},
 }
+
+
+def _tiny_kwargs(name: str) -> dict:
+    kw = dict(TINY_KWARGS.get(name, {}))
+    if kw.get("model") == "tiny-epitome":
+        from mining.epitome.model import Epitome, EpitomeSpec
+
+        kw["model"] = Epitome(EpitomeSpec(size=8, patch=3, scale=4))
+    return kw
 
 
 def _py(code: str) -> None:
@@ -52,7 +64,7 @@ def test_builtin_entries_match_the_decorators():
 def test_every_listed_name_can_be_created(name):
     assert name in available_backends()
     try:
-        be = get_backend(name, **TINY_KWARGS.get(name, {}))
+        be = get_backend(name, **_tiny_kwargs(name))
     except ImportError as e:  # pragma: no cover - timm / torch unavailable
         pytest.skip(f"{name} unavailable: {e}")
     assert be.name == name

@@ -24,11 +24,13 @@ import numpy as np
 import torch
 
 from mining.epitome.model import Epitome, load_epitome
-from mining.saliency.base import SaliencyBackend, check_image
+from mining.saliency.base import SaliencyBackend, check_image, register_backend
+from mining.saliency.ensemble import Ensemble
 
 ENV_EPITOME = "MINING_EPITOME"
 
 
+@register_backend("epitome")
 class EpitomeSaliency(SaliencyBackend):
     """Epitome NLL saliency: (H, W, 3) uint8 RGB -> (H, W) float32 in [0, 1].
 
@@ -129,6 +131,27 @@ class EpitomeSaliency(SaliencyBackend):
         raw = self.nll_maps([image])[0]
         return box_means(raw.double().cpu().numpy(), np.asarray(boxes, np.float64).reshape(-1, 4),
                          self.model.spec.scale, image.shape[-2:])
+
+
+@register_backend("sr-bms-epitome")
+class SpectralBooleanEpitome(Ensemble):
+    """``sr-bms`` and ``epitome`` maps, weighted ``1 - EPITOME_WEIGHT`` / ``EPITOME_WEIGHT``
+    (the weight chosen by cross-validated capture, benchmarks/capture_cv.py).
+
+    Args:
+        model: the epitome (path / URI / :class:`Epitome`; None: env ``MINING_EPITOME``).
+        device: torch device for the epitome maps.
+    Raises:
+        ValueError, FileNotFoundError: as :class:`EpitomeSaliency`.
+    """
+
+    EPITOME_WEIGHT = 0.25
+    members = (("sr-bms", 1.0 - EPITOME_WEIGHT, {}), ("epitome", EPITOME_WEIGHT, {}))
+
+    def __init__(self, model=None, device=None):
+        w = self.EPITOME_WEIGHT
+        super().__init__((("sr-bms", 1.0 - w, {}), ("epitome", w, {"model": model, "device": device})))
+        self.weight_free = False
 
 
 def box_means(raw: np.ndarray, boxes: np.ndarray, scale: int, native_hw) -> np.ndarray:

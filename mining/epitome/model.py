@@ -185,8 +185,8 @@ class Epitome(torch.nn.Module):
 
     # ---------------------------------------------------------------- frames
     def to_working(self, image: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) uint8 (or float in [0, 1]) -> (C, ceil(H/scale), ceil(W/scale)) float in [0, 1]."""
-        x = image.float()
+        """(3, H, W) uint8 (or float in [0, 1]) -> (C, ceil(H/scale), ceil(W/scale)) in [0, 1], the model's dtype."""
+        x = image.to(self.mu.dtype)
         if image.dtype == torch.uint8:
             x = x / 255.0
         sc = self.spec.scale
@@ -195,6 +195,7 @@ class Epitome(torch.nn.Module):
             x = F.interpolate(x[None], size=(max(1, -(-h // sc)), max(1, -(-w // sc))), mode="area")[0]
         return x
 
+    @torch.no_grad()
     def nll_map(self, image: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Per-pixel NLL of the K x K patch centred on each pixel (nats per patch).
 
@@ -214,7 +215,7 @@ class Epitome(torch.nn.Module):
         m = self.patch_nll(cols).reshape(h, w)
         if out_size is not None and tuple(out_size) != (h, w):
             m = F.interpolate(m[None, None], size=tuple(out_size), mode="bilinear", align_corners=False)[0, 0]
-        return m.float()
+        return m
 
     def flops_per_pixel(self) -> int:
         """FLOPs of :meth:`nll_map` per working-resolution pixel: two (1 x D) @ (D x N^2) products + logsumexp."""
