@@ -128,6 +128,8 @@ class PatchRows:
     Attributes:
         image_uris: (F,) frame URIs. frame: (N,) int32 index into ``image_uris``.
         boxes: (N, 4) int32. levels: (N,) int8. scores: (N,) float32.
+        novelty: (N,) float32 epitome novelty (nats), NaN where the selection had none
+            (written as null); None at construction means all NaN.
     """
 
     image_uris: list[str]
@@ -135,6 +137,11 @@ class PatchRows:
     boxes: np.ndarray
     levels: np.ndarray
     scores: np.ndarray
+    novelty: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.novelty is None:
+            self.novelty = np.full(len(self.frame), np.nan, np.float32)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -142,10 +149,13 @@ class PatchRows:
     @classmethod
     def from_selections(cls, image_uris: Sequence[str], selections: Sequence) -> "PatchRows":
         counts = [len(s.boxes) for s in selections]
+        nov = [s.novelty if getattr(s, "novelty", None) is not None else np.full(n, np.nan, np.float32)
+               for s, n in zip(selections, counts)]
         return cls(list(image_uris), np.repeat(np.arange(len(counts), dtype=np.int32), counts),
                    _cat([s.boxes for s in selections], np.int32, (-1, 4)),
                    _cat([s.levels for s in selections], np.int8, (-1,)),
-                   _cat([s.scores for s in selections], np.float32, (-1,)))
+                   _cat([s.scores for s in selections], np.float32, (-1,)),
+                   _cat(nov, np.float32, (-1,)))
 
     @classmethod
     def concat(cls, parts: Sequence["PatchRows"]) -> "PatchRows":
@@ -155,13 +165,13 @@ class PatchRows:
         return cls([u for p in parts for u in p.image_uris],
                    np.concatenate([p.frame + o for p, o in zip(parts, offs)]).astype(np.int32),
                    np.concatenate([p.boxes for p in parts]), np.concatenate([p.levels for p in parts]),
-                   np.concatenate([p.scores for p in parts]))
+                   np.concatenate([p.scores for p in parts]), np.concatenate([p.novelty for p in parts]))
 
     def take(self, sl: slice) -> "PatchRows":
         """Rows ``sl`` with only the frames they use."""
         used, frame = np.unique(self.frame[sl], return_inverse=True)
         return PatchRows([self.image_uris[i] for i in used.tolist()], frame.astype(np.int32).reshape(-1),
-                         self.boxes[sl], self.levels[sl], self.scores[sl])
+                         self.boxes[sl], self.levels[sl], self.scores[sl], self.novelty[sl])
 
 
 # --------------------------------------------------------------------------- writer
@@ -206,7 +216,7 @@ class PatchWriter:
         e = emb.numpy()
         if emb.is_pinned():
             e = e.copy()  # give the pinned block back to the caching host allocator
-        cols = patch_columns(rows.image_uris, rows.frame, rows.boxes, rows.levels, rows.scores)
+        cols = patch_columns(rows.image_uris, rows.frame, rows.boxes, rows.levels, rows.scores, rows.novelty)
         self.out.add_patch_block(cols, e)
         self.timer.add("write", time.perf_counter() - t0)
 

@@ -11,12 +11,26 @@
   implementation raises NotImplementedError, the selector logs it and uses ``numpy`` from
   then on. An implementation asked for explicitly is never replaced: its NotImplementedError
   fails the shard.
+* **Novelty** (issue 14): when the backend is the ``epitome`` backend or an ensemble with an
+  epitome member (:func:`mining.epitome.backend.find_epitome_member`), every Selection gets
+  ``novelty`` (M,) float32: the mean raw epitome NLL inside each selected box, from the
+  full-frame NLL map of the frame tensor the selection saw
+  (:meth:`~mining.epitome.backend.EpitomeSaliency.box_novelty`; the patches table's
+  ``novelty`` column). It is computed per frame after its selection, in the same stage (and
+  timer) on both paths; a frame whose novelty fails becomes a ``select`` errors row like a
+  frame whose selection fails. Without an epitome member ``novelty`` stays None (null column).
+  Cost: the epitome backend keeps only the maps of its *last* ``predict_tensors`` call, and
+  the selection's level-1 call sees a view of the frame and is followed by the level-2 crop
+  calls, so ``box_novelty`` recomputes the frame's NLL map once (one ``Epitome.nll_map`` per
+  frame, ``Epitome.flops_per_pixel`` x working pixels; same values, deterministic).
 """
 from __future__ import annotations
 
 import logging
 import threading
 from typing import Callable
+
+import numpy as np
 
 from mining.select_device import default_impl, select_frames
 from mining.stages import StageTimer
@@ -45,17 +59,19 @@ class FrameSelector:
         self._local = threading.local()
 
     def run(self, images: list, backend=None) -> list:
-        """``select_frames(images)`` -> one Selection per (3, H, W) uint8 tensor."""
+        """``select_frames(images)`` -> one Selection per (3, H, W) uint8 tensor, with ``novelty``
+        set when the backend has an epitome member (see the module docstring)."""
         backend = backend or self.backend
         impl = self.impl
         try:
-            return select_frames(images, self.config, backend, impl=impl)
+            sels = select_frames(images, self.config, backend, impl=impl)
         except NotImplementedError as e:
             if not self._auto or impl == "numpy":
                 raise
             log.warning("selection impl %r unavailable (%s); this actor uses 'numpy'", impl, e)
             self.impl = "numpy"
-            return select_frames(images, self.config, backend, impl="numpy")
+            sels = select_frames(images, self.config, backend, impl="numpy")
+        return add_novelty(images, sels, backend)
 
     def thread_backend(self):
         """The backend for the calling thread (its own instance if weight-free, else the shared one)."""
@@ -100,3 +116,29 @@ class FrameSelector:
                 f.error = ("select", f"selection failed: {type(s).__name__}: {s}")
             else:
                 f.selection = s
+
+
+def add_novelty(images: list, selections: list, backend) -> list:
+    """Set ``novelty`` on each Selection from the backend's epitome member (no-op without one).
+
+    Args:
+        images: the (3, H, W) uint8 frame tensors the selection ran on (native pixels).
+        selections: their :class:`mining.selection.Selection` objects (changed in place).
+        backend: the saliency backend used for the selection.
+    Returns:
+        ``selections``; each has ``novelty`` (M,) float32 (nats per K x K working-resolution
+        patch, one per box) when ``backend`` is or holds an ``epitome`` backend, else None.
+    Raises:
+        whatever :meth:`~mining.epitome.backend.EpitomeSaliency.box_novelty` raises.
+    """
+    from mining.epitome.backend import find_epitome_member
+
+    member = find_epitome_member(backend)
+    if member is None:
+        return selections
+    for im, sel in zip(images, selections):
+        if len(sel.boxes):
+            sel.novelty = np.asarray(member.box_novelty(im, sel.boxes), np.float32).reshape(-1)
+        else:
+            sel.novelty = np.zeros(0, np.float32)
+    return selections

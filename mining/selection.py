@@ -659,11 +659,15 @@ class Selection:
         levels: (N,) int8 hierarchy level of each patch, 1 = level 1, 2 = level 2, ...
         scores: (N,) float32 selection score on the map it was selected on: S_id
             (Eq. 3.2), or S_apv (Eq. 3.1) for a level whose ``rank`` is ``"apv"``.
+        novelty: (N,) float32 mean epitome NLL inside each box (nats per K x K patch,
+            :meth:`mining.epitome.backend.EpitomeSaliency.box_novelty`), set by the mining
+            actor's select stage when its backend has an epitome member; None otherwise.
     """
 
     boxes: np.ndarray
     levels: np.ndarray
     scores: np.ndarray
+    novelty: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.boxes)

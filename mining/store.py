@@ -94,8 +94,14 @@ def patch_schema(dim: int) -> pa.Schema:
     Columns: patch_id int64 (stable), image_id string, image_uri string, shard string (shard URI),
     date string (YYYY-MM-DD ingest date), x0, y0, x1, y1 int32 (original-image pixels, x1/y1
     exclusive), level int8 (hierarchy level, 1 = coarsest), score float32 (selection score,
-    thesis Eq. 3.2), embedding fixed_size_list<float16>[dim] (L2-normalised CLIP embedding),
-    model string, run_id string.
+    thesis Eq. 3.2), novelty float32 nullable (mean epitome NLL inside the box, nats per K x K
+    working-resolution patch, from the same map the selection used; null when the run's
+    saliency backend has no epitome member -- issue 14), embedding fixed_size_list<float16>[dim]
+    (L2-normalised CLIP embedding), model string, run_id string.
+
+    ``novelty`` was added without a schema-version bump: it is nullable, and parts written
+    before it (no such column) read as null through :func:`open_patches` (the dataset schema
+    fills missing columns) and through :func:`read_part_columns`.
     """
     return pa.schema(
         [
@@ -110,12 +116,41 @@ def patch_schema(dim: int) -> pa.Schema:
             ("y1", pa.int32()),
             ("level", pa.int8()),
             ("score", pa.float32()),
+            ("novelty", pa.float32()),
             ("embedding", pa.list_(pa.float16(), dim)),
             ("model", pa.string()),
             ("run_id", pa.string()),
         ],
         metadata={b"schema_version": str(SCHEMA_VERSION).encode()},
     )
+
+
+OPTIONAL_PATCH_COLUMNS = {"novelty": pa.float32()}
+"""Nullable patches-table columns that older parts may lack (name -> type); read as null there."""
+
+
+def read_part_columns(uri: str, columns: Sequence[str]) -> pa.Table:
+    """Read ``columns`` of one Parquet part; columns of :data:`OPTIONAL_PATCH_COLUMNS` that the
+    part lacks (written before they existed) come back as nulls of their type.
+
+    Args:
+        uri: the part (local path or any fsspec URI). columns: names, in the wanted order.
+    Returns:
+        a table with exactly ``columns``.
+    Raises:
+        KeyError: a requested column that is neither in the part nor optional.
+    """
+    fs, path = get_fs(uri)
+    pf = pq.ParquetFile(path, filesystem=fs)
+    have = set(pf.schema_arrow.names)
+    missing = [c for c in columns if c not in have]
+    bad = [c for c in missing if c not in OPTIONAL_PATCH_COLUMNS]
+    if bad:
+        raise KeyError(f"{uri} has no column(s) {bad}")
+    t = pf.read(columns=[c for c in columns if c in have])
+    for c in missing:
+        t = t.append_column(pa.field(c, OPTIONAL_PATCH_COLUMNS[c]), pa.nulls(t.num_rows, OPTIONAL_PATCH_COLUMNS[c]))
+    return t.select(list(columns))
 
 
 IMAGE_SCHEMA = pa.schema(
@@ -176,6 +211,7 @@ class PatchColumns:
         boxes: (N, 4) int32 x0, y0, x1, y1 original-image pixels, x1/y1 exclusive.
         levels: (N,) int8 hierarchy level. scores: (N,) float32 selection score.
         patch_ids: (N,) int64 stable ids (:func:`make_patch_id`).
+        novelty: (N,) float32 epitome novelty (NaN = null), or None (all null).
     """
 
     image_ids: list[str]
@@ -185,18 +221,20 @@ class PatchColumns:
     levels: np.ndarray
     scores: np.ndarray
     patch_ids: np.ndarray
+    novelty: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.patch_ids)
 
 
 def patch_columns(image_uris: Sequence[str], frame: np.ndarray, boxes: np.ndarray, levels: np.ndarray,
-                  scores: np.ndarray) -> PatchColumns:
+                  scores: np.ndarray, novelty: np.ndarray | None = None) -> PatchColumns:
     """Column arrays of N patches of F frames, with their stable ids.
 
     Args:
         image_uris: F frame URIs. frame: (N,) int index into ``image_uris`` of each patch.
         boxes: (N, 4) int x0, y0, x1, y1 pixels. levels: (N,) int. scores: (N,) float.
+        novelty: (N,) float epitome novelty in nats (NaN = null), or None (all null).
     Returns:
         a :class:`PatchColumns`; ``patch_ids[i] == make_patch_id(make_image_id(image_uris[frame[i]]), boxes[i], levels[i])``.
     Raises:
@@ -206,13 +244,15 @@ def patch_columns(image_uris: Sequence[str], frame: np.ndarray, boxes: np.ndarra
     b = np.asarray(boxes, np.int32).reshape(-1, 4)
     lv = np.asarray(levels, np.int8).reshape(-1)
     sc = np.asarray(scores, np.float32).reshape(-1)
-    if not (len(frame) == len(b) == len(lv) == len(sc)):
-        raise ValueError(f"column lengths differ: frame {len(frame)}, boxes {len(b)}, levels {len(lv)}, scores {len(sc)}")
+    nov = None if novelty is None else np.asarray(novelty, np.float32).reshape(-1)
+    if not (len(frame) == len(b) == len(lv) == len(sc)) or (nov is not None and len(nov) != len(frame)):
+        raise ValueError(f"column lengths differ: frame {len(frame)}, boxes {len(b)}, levels {len(lv)}, scores {len(sc)}"
+                         + ("" if nov is None else f", novelty {len(nov)}"))
     if len(frame) and (frame.min() < 0 or frame.max() >= len(image_uris)):
         raise ValueError(f"frame index outside the {len(image_uris)} image URIs")
     image_ids = [make_image_id(u) for u in image_uris]
     ids = make_patch_ids([image_ids[i] for i in frame.tolist()], b, lv)
-    return PatchColumns(image_ids, list(image_uris), frame, b, lv, sc, ids)
+    return PatchColumns(image_ids, list(image_uris), frame, b, lv, sc, ids, nov)
 
 
 def patch_block_table(cols: PatchColumns, embeddings: np.ndarray, *, shard: str, date: str, model: str, run_id: str,
@@ -239,6 +279,8 @@ def patch_block_table(cols: PatchColumns, embeddings: np.ndarray, *, shard: str,
         "x0": pa.array(cols.boxes[:, 0], pa.int32()), "y0": pa.array(cols.boxes[:, 1], pa.int32()),
         "x1": pa.array(cols.boxes[:, 2], pa.int32()), "y1": pa.array(cols.boxes[:, 3], pa.int32()),
         "level": pa.array(cols.levels, pa.int8()), "score": pa.array(cols.scores, pa.float32()),
+        "novelty": (pa.nulls(n, pa.float32()) if cols.novelty is None
+                    else pa.array(cols.novelty, pa.float32(), mask=np.isnan(cols.novelty))),
         "embedding": embeddings_to_arrow(emb.reshape(n, dim)),
         "model": const(model), "run_id": const(run_id),
     }
@@ -303,7 +345,8 @@ class ShardOutput:
                 return schema.empty_table()
             t = pa.concat_tables(self.blocks) if len(self.blocks) > 1 else self.blocks[0]
             return t.sort_by([("image_uri", "ascending"), ("level", "ascending"), ("patch_id", "ascending")])
-        cols = {name: [r[name] for r in self.patches] for name in schema.names if name != "embedding"}
+        cols = {name: [r.get(name) if name in OPTIONAL_PATCH_COLUMNS else r[name] for r in self.patches]
+                for name in schema.names if name != "embedding"}
         emb = np.concatenate(self.embeddings, axis=0) if self.embeddings else np.zeros((0, self.dim), np.float16)
         if emb.shape[0] != len(self.patches):
             raise ValueError(f"{len(self.patches)} patch rows but {emb.shape[0]} embeddings")
