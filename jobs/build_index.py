@@ -10,6 +10,10 @@ Examples::
     python -m jobs.build_index --data s3://bucket/mined --out /srv/index --kind ivfpq-refine \\
         --memory-budget 8GiB --recall-target 0.95 --address ray://head:10001
     python -m jobs.build_index --data ... --out ... --update     # nightly: add new shards / retrain
+
+Every new version also gets ``uniqueness.parquet``: the kNN uniqueness of every patch
+(:mod:`mining.index.uniqueness`, after FiftyOne Brain's ``compute_uniqueness``; N searches of 4
+neighbours on the finished index); ``--no-uniqueness`` skips it.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--update", action="store_true", help="nightly: add new shards with frozen codebooks (or retrain)")
     ap.add_argument("--address", default=None, help="Ray address (ray://host:10001 or host:6379); default: RAY_ADDRESS, else a new local Ray on 127.0.0.1")
     ap.add_argument("--no-ray", action="store_true", help="run the add parts in this process")
+    ap.add_argument("--no-uniqueness", action="store_true",
+                    help="do not compute the kNN uniqueness of every patch (uniqueness.parquet; N index searches)")
     args = ap.parse_args(argv)
 
     from mining.index import build_index, parse_bytes, update_index
@@ -48,11 +54,11 @@ def main(argv=None) -> int:
         if budget is not None:
             kw["memory_budget_bytes"] = budget
         m = update_index(args.data, args.out, use_ray=use_ray, n_parts=args.parts, seed=args.seed,
-                         recall_target=args.recall_target, **kw)
+                         recall_target=args.recall_target, uniqueness=not args.no_uniqueness, **kw)
     else:
         m = build_index(args.data, args.out, kind=args.kind or "auto", memory_budget_bytes=budget,
                         recall_target=args.recall_target, seed=args.seed, use_ray=use_ray,
-                        n_parts=args.parts, merge=args.merge)
+                        n_parts=args.parts, merge=args.merge, uniqueness=not args.no_uniqueness)
     if m.get("random_init"):
         print("WARNING: this index holds embeddings from RANDOMLY INITIALISED CLIP weights: results are not semantic",
               file=sys.stderr)
@@ -61,7 +67,7 @@ def main(argv=None) -> int:
           f"recall@{m.get('recall_k', 16)}={m['recall_at_publish']} {m['bytes_per_vector']} B/vector "
           f"build {m['build_s']} s retrained={m.get('retrained')}")
     summary = {k: m.get(k) for k in ("version", "changed", "kind", "factory", "n", "dim", "params", "recall_at_publish",
-                                     "bytes_per_vector", "build_s", "retrained", "random_init", "models")}
+                                     "bytes_per_vector", "build_s", "retrained", "random_init", "models", "uniqueness")}
     print(json.dumps(summary, sort_keys=True))
     return 0
 

@@ -10,6 +10,12 @@ recall target -> publish a new version atomically (:mod:`mining.index.publish`).
 frozen codebooks (``trained.faiss`` of the version), and publish a new version; retrain (a full
 ``build_index``) when N has grown >= 4x since training or the quantisation error of the new
 vectors drifted past ``drift_ratio`` x the error measured at training time.
+
+Both also write ``uniqueness.parquet`` into the version before it is published (unless
+``uniqueness=False``): the kNN uniqueness of every patch, searched on the finished, tuned index
+(:mod:`mining.index.uniqueness`, after FiftyOne Brain's ``compute_uniqueness``). The version's
+``meta.arrow`` carries the patches' ``novelty`` column (null for parts mined without an epitome
+or before the column existed).
 """
 from __future__ import annotations
 
@@ -23,13 +29,12 @@ import warnings
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from mining.fs import get_fs
+from mining.fs import join
 from mining.index import core, publish, sizing
 from mining.index.search import (INDEX_FILE, META_COLUMNS, META_FILE, PARAMS_FILE, REFINE_FILE, TRAINED_FILE,
                                  PatchIndex, open_index, open_refine, write_meta, write_refine)
-from mining.store import dataset_info, embeddings_from_arrow, read_ledger
+from mining.store import dataset_info, embeddings_from_arrow, read_ledger, read_part_columns
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +56,8 @@ def _records(data_root: str) -> list[dict]:
 
 
 def _read_shard(data_root: str, rec: dict, columns) -> pa.Table:
-    fs, base = get_fs(data_root)
-    return pq.read_table(f"{base}/{rec['files']['patches']}", columns=list(columns), filesystem=fs)
+    """``columns`` of a shard's patches part; optional columns an older part lacks (``novelty``) are null."""
+    return read_part_columns(join(data_root, rec["files"]["patches"]), list(columns))
 
 
 def _vectors(table: pa.Table) -> np.ndarray:
@@ -186,22 +191,39 @@ def _train(plan, xtrain, seed, use_ray) -> faiss.Index:
 
 # --------------------------------------------------------------------------- fill + tune + publish
 
+def _write_uniqueness(pidx: PatchIndex, data_root: str, records: list[dict], vdir: str) -> dict:
+    """kNN uniqueness of every vector of ``pidx`` (one store read per shard) -> ``<vdir>/uniqueness.parquet``;
+    returns the info recorded in the manifest (:func:`mining.index.uniqueness.uniqueness_of_index`)."""
+    from mining.index.uniqueness import UNIQUENESS_FILE, uniqueness_of_index, write_uniqueness
+
+    def blocks():
+        for rec in records:
+            t = _read_shard(data_root, rec, ["patch_id", "embedding"])
+            yield t.column("patch_id").to_numpy().astype(np.int64), _vectors(t)
+
+    table, info = uniqueness_of_index(pidx, blocks())
+    write_uniqueness(vdir, table)
+    return {**info, "file": UNIQUENESS_FILE}
+
+
 def _fill_tune_publish(data_root, out_root, *, plan, trained, records, base, queries, truth, manifest_extra,
-                       recall_target, use_ray, n_parts, merge, memory_budget_bytes, t_start, log_fn) -> dict:
+                       recall_target, use_ray, n_parts, merge, memory_budget_bytes, t_start, log_fn,
+                       uniqueness: bool = True) -> dict:
     version, staging = publish.stage(out_root)
     try:
         return _fill_tune_publish_inner(
             data_root, out_root, version, staging, plan=plan, trained=trained, records=records, base=base,
             queries=queries, truth=truth, manifest_extra=manifest_extra, recall_target=recall_target,
             use_ray=use_ray, n_parts=n_parts, merge=merge, memory_budget_bytes=memory_budget_bytes,
-            t_start=t_start, log_fn=log_fn)
+            t_start=t_start, log_fn=log_fn, uniqueness=uniqueness)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # CURRENT still points at the previous version
         raise
 
 
 def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, trained, records, base, queries, truth,
-                             manifest_extra, recall_target, use_ray, n_parts, merge, memory_budget_bytes, t_start, log_fn):
+                             manifest_extra, recall_target, use_ray, n_parts, merge, memory_budget_bytes, t_start, log_fn,
+                             uniqueness=True):
     kind = plan.kind
     is_ivf = kind in sizing.IVF_KINDS
     # ivfpq-refine: the IVF labels are rows of the version's patch_id-sorted metadata (what faiss'
@@ -236,7 +258,8 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
     # metadata, sorted by patch_id (row r of the version = r-th smallest patch_id)
     base_meta = manifest_extra.pop("_base_meta", None)
     metas = ([base_meta] if base_meta is not None else []) + [p["meta"] for p in parts]
-    meta = pa.concat_tables(metas) if metas else pa.table({c: [] for c in META_COLUMNS})
+    # a base version from before the novelty column lacks it: promote (missing columns -> null)
+    meta = pa.concat_tables(metas, promote_options="default") if metas else pa.table({c: [] for c in META_COLUMNS})
     pid = meta.column("patch_id").to_numpy().astype(np.int64)
     order = np.argsort(pid, kind="stable")
     meta = meta.take(pa.array(order))
@@ -302,6 +325,14 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
                       UserWarning)
     core.set_params(index, params)
 
+    # kNN uniqueness of every patch of this version, on the finished and tuned index
+    uniq_info = None
+    if uniqueness:
+        shards = set(manifest_extra.get("_base_shards", [])) | {r["shard"] for r in records}
+        uniq_info = _write_uniqueness(pidx, data_root, [r for r in _records(data_root) if r["shard"] in shards],
+                                      staging)
+        log_fn(f"uniqueness: {uniq_info['n']} patches, k={uniq_info['k']}, {uniq_info['seconds']:.1f} s")
+
     # write files
     faiss.write_index(index, os.path.join(staging, INDEX_FILE))
     faiss.write_index(trained, os.path.join(staging, TRAINED_FILE))
@@ -340,6 +371,7 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
         "faiss_version": faiss.__version__,
         "gpu": core.use_gpu(),
         "changed": True,
+        "uniqueness": uniq_info,
         **manifest_extra,
     }
     manifest["shards"] = sorted(set(manifest["shards"]))
@@ -356,7 +388,7 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
 def build_index(data_root: str, out_root: str, *, kind: str = "auto", memory_budget_bytes: int | None = None,
                 recall_target: float = 0.95, seed: int = 0, use_ray: bool | None = None,
                 n_parts: int | None = None, merge: str = "auto", verbose: bool = True,
-                extra_manifest: dict | None = None) -> dict:
+                extra_manifest: dict | None = None, uniqueness: bool = True) -> dict:
     """Train, fill, tune and publish a NEW index version from the committed shards of ``data_root``.
 
     Args:
@@ -369,6 +401,9 @@ def build_index(data_root: str, out_root: str, *, kind: str = "auto", memory_bud
             initialised). n_parts: number of add parts (default: CPUs of the Ray cluster, 1 locally).
         merge: "auto" | "memory" | "ondisk" (IVF only; auto = on disk above 4 GiB or half the budget).
         extra_manifest: extra manifest fields (update_index records why it retrained).
+        uniqueness: write ``uniqueness.parquet`` (kNN uniqueness of every patch, searched on the
+            finished index: N searches of 4 neighbours, see :mod:`mining.index.uniqueness`); its
+            info goes to ``manifest["uniqueness"]`` (None when skipped).
     Returns:
         the published manifest (dict; ``manifest["version"]``, ``["changed"] = True``).
     Raises:
@@ -419,14 +454,14 @@ def build_index(data_root: str, out_root: str, *, kind: str = "auto", memory_bud
     m = _fill_tune_publish(data_root, out_root, plan=plan, trained=trained, records=records, base=None,
                            queries=queries, truth=empty_truth, manifest_extra=extra, recall_target=recall_target,
                            use_ray=use_ray, n_parts=n_parts, merge=merge, memory_budget_bytes=memory_budget_bytes,
-                           t_start=t0, log_fn=log_fn)
+                           t_start=t0, log_fn=log_fn, uniqueness=uniqueness)
     return m
 
 
 def update_index(data_root: str, out_root: str, *, growth_factor: float = GROWTH_RETRAIN,
                  drift_ratio: float = DRIFT_RATIO, force_retrain: bool = False, use_ray: bool | None = None,
                  n_parts: int | None = None, recall_target: float | None = None, seed: int = 0,
-                 verbose: bool = True, **build_kw) -> dict:
+                 verbose: bool = True, uniqueness: bool = True, **build_kw) -> dict:
     """Nightly: add committed shards not yet in the current version, with FROZEN codebooks.
 
     - nothing new: returns the current manifest with ``changed=False`` (no new version);
@@ -438,6 +473,7 @@ def update_index(data_root: str, out_root: str, *, growth_factor: float = GROWTH
     - else a new version = current index + new shards (``retrained=None``, ``trained_version``
       unchanged), re-tuned on the stored held-out queries whose exact ground truth is updated
       with the new vectors.
+    Every new version gets ``uniqueness.parquet`` for ALL its patches (``uniqueness=False`` skips it).
     The previous version stays readable until :func:`drop_version`.
 
     Returns: the manifest (new or current).  Raises: as :func:`build_index`.
@@ -446,7 +482,7 @@ def update_index(data_root: str, out_root: str, *, growth_factor: float = GROWTH
     cur = publish.current_version(out_root)
     if cur is None:
         return build_index(data_root, out_root, seed=seed, use_ray=use_ray, n_parts=n_parts, verbose=verbose,
-                           recall_target=recall_target or 0.95, **build_kw)
+                           recall_target=recall_target or 0.95, uniqueness=uniqueness, **build_kw)
     t0 = time.perf_counter()
     old = open_index(out_root, cur)
     man = old.manifest
@@ -479,7 +515,7 @@ def update_index(data_root: str, out_root: str, *, growth_factor: float = GROWTH
         kw = {"kind": man.get("requested_kind", man["kind"]), "memory_budget_bytes": man.get("memory_budget_bytes"),
               **build_kw}
         return build_index(data_root, out_root, recall_target=recall_target, seed=seed, use_ray=use_ray,
-                           n_parts=n_parts, verbose=verbose, **kw,
+                           n_parts=n_parts, verbose=verbose, uniqueness=uniqueness, **kw,
                            extra_manifest={"retrained": reason, "drift_quant_error": drift, "parent_version": cur})
 
     use_ray = _resolve_ray(use_ray)
@@ -506,5 +542,6 @@ def update_index(data_root: str, out_root: str, *, growth_factor: float = GROWTH
     m = _fill_tune_publish(data_root, out_root, plan=plan, trained=trained, records=recs, base=base,
                            queries=queries, truth=truth, manifest_extra=extra, recall_target=recall_target,
                            use_ray=use_ray, n_parts=n_parts, merge=merge,
-                           memory_budget_bytes=man.get("memory_budget_bytes"), t_start=t0, log_fn=log_fn)
+                           memory_budget_bytes=man.get("memory_budget_bytes"), t_start=t0, log_fn=log_fn,
+                           uniqueness=uniqueness)
     return m

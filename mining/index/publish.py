@@ -9,6 +9,7 @@ Layout (local filesystem only: the index is built and served from local disk)::
                                                 rows in patch_id order = the IVF labels (older versions: vectors.npy)
     <out_root>/versions/<version>/trained.faiss the empty trained index (frozen codebooks for nightly adds)
     <out_root>/versions/<version>/params.json   search parameters (nprobe / efSearch / k_factor)
+    <out_root>/versions/<version>/uniqueness.parquet  kNN uniqueness per patch_id (mining.index.uniqueness)
     <out_root>/versions/<version>/manifest.json written last inside the version
 
 Publish protocol (a reader never sees half an index; a crash leaves the previous version serving):

@@ -21,7 +21,9 @@ PARAMS_FILE = "params.json"
 VECTORS_FILE = "vectors.npy"  # legacy (refine="store"): float16 .npy, IVF labels = patch_ids, numpy re-rank
 REFINE_FILE = "refine.faiss"  # refine="fp16": IndexScalarQuantizer(QT_fp16) in row order, IVF labels = rows
 
-META_COLUMNS = ("patch_id", "image_id", "image_uri", "shard", "date", "x0", "y0", "x1", "y1", "level")
+META_COLUMNS = ("patch_id", "image_id", "image_uri", "shard", "date", "x0", "y0", "x1", "y1", "level", "novelty")
+"""Columns of ``meta.arrow``; ``novelty`` (float32, issue 14) is null where the patches have none, and absent
+in versions built before it."""
 
 
 class PatchIndex:
@@ -104,8 +106,8 @@ class PatchIndex:
 
     # ------------------------------------------------------------------ metadata
     def metadata(self) -> pa.Table:
-        """patch_id -> metadata (patch_id, image_id, image_uri, shard, date, x0, y0, x1, y1, level),
-        sorted by patch_id, memory-mapped from ``meta.arrow`` (no embeddings)."""
+        """patch_id -> metadata (patch_id, image_id, image_uri, shard, date, x0, y0, x1, y1, level,
+        novelty), sorted by patch_id, memory-mapped from ``meta.arrow`` (no embeddings)."""
         return self._meta
 
     def lookup(self, patch_ids) -> pa.Table:
