@@ -11,6 +11,12 @@ Ray client or from a submitted job (``--address auto``)::
     python -m jobs.query --address ray://<head>:10001 --examples deer/ --mode mean --k 100 \
         --out export/ --exclude-exported
 
+Query-free novelty: the rarest patches of a date range (a night), one per frame, ranked by epitome
+novelty and / or kNN uniqueness (``mining.novel``; ``--by novelty|uniqueness|both``, default both
+when the patches have both), printed and exported like any other query (rarity in the score column)::
+
+    python -m jobs.query --index idx --novel --date-from 2026-11-20 --date-to 2026-11-20 --k 100 --out runs/rare
+
 Active learning (campaigns): a seed query with ``--campaign NAME`` exports hits for labeling;
 ``python -m jobs.feedback`` records the labels; then ``--campaign NAME`` alone re-queries with what was
 learned (``--method probe|mean|mean_neg|single``, ``mining.campaign``). Frames the campaign already
@@ -45,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--examples", help="directory of example images (multi-example query); optional boxes.csv "
                                          "with file,x0,y0,x1,y1")
     what.add_argument("--embedding", help=".npy file with one (D,) query embedding")
+    what.add_argument("--novel", action="store_true",
+                      help="query-free: the rarest patches of --date-from..--date-to, one per frame")
+    p.add_argument("--by", choices=["novelty", "uniqueness", "both"], default=None,
+                   help="--novel: rank by epitome novelty, kNN uniqueness, or the mean of their percentile ranks "
+                        "(default: both when the patches have both, else the one they have)")
     p.add_argument("--box", help="x0,y0,x1,y1 crop of --image (pixels, x1/y1 exclusive); default whole frame")
     p.add_argument("--mode", default="mean", choices=["mean", "max", "sum"],
                    help="how --examples are combined: mean embedding (thesis Eq. 4.1), or max/sum of scores")

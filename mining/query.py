@@ -69,7 +69,7 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 """Columns of every query result: rank (1-based), score (cosine similarity, or the combined score
-of a max/sum multi-example query), patch_id, image_id, image_uri, box x0, y0, x1, y1 (original-image
+of a max/sum multi-example query, or the rarity of a query-free :meth:`QueryEngine.novel` query), patch_id, image_id, image_uri, box x0, y0, x1, y1 (original-image
 pixels, x1/y1 exclusive), date (ingest date YYYY-MM-DD), level (hierarchy level). The schema metadata
 holds ``query`` (JSON description), ``timings`` (JSON, milliseconds), ``index_version``, ``model``
 and ``random_init``."""
@@ -941,16 +941,50 @@ class QueryEngine:
 
         rows, scores, keep = ranked_candidates(snap, Q, k, fetch, filters, max_ov, timer, score,
                                                single=mode == "single")
+        return self._finish(snap, rows[keep], scores[keep], {**desc, "k": k, "filters": filters,
+                            "dedup_overlap": max_ov, "rerank": do_rerank}, timer, t0, cpu0)
+
+    def novel(self, k: int = 16, date_from: str | None = None, date_to: str | None = None, *,
+              by: str | None = None, filters: Mapping | None = None) -> pa.Table:
+        """Query-free mode: the k rarest patches of the date range, one per frame (its rarest).
+
+        Ranked by epitome ``novelty`` and / or kNN ``uniqueness`` (:mod:`mining.novel`); the
+        rarity goes to the ``score`` column of an ordinary :data:`RESULT_SCHEMA` table.
+
+        Args:
+            k: patches (= frames) to return. date_from / date_to: inclusive ingest dates
+                YYYY-MM-DD (also accepted inside ``filters``).
+            by: ``novelty`` | ``uniqueness`` | ``both`` (mean percentile rank) | None (both when
+                the patches have both, else the one they have).
+            filters: other filters (:func:`validate_filters`).
+        Raises:
+            QueryError: bad k / date / filter, date_from after date_to, unknown ``by``, or no
+                rarity signal for the patches.
+        """
+        from mining.novel import novel_filters, rarest_per_image
+
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        k = _check_k(k, self.config.k_cap)
+        f = novel_filters(date_from, date_to, filters)
+        snap, timer = self._snap, _Timer()
+        tr = time.perf_counter()
+        rows, scores, used = rarest_per_image(snap, k, f, by)
+        timer.rerank_dedup_ms = (time.perf_counter() - tr) * 1e3
+        return self._finish(snap, rows, scores, {"type": "novel", "by": used, "k": k, "filters": f,
+                                                 "dedup": "one patch per image"}, timer, t0, cpu0)
+
+    def _finish(self, snap: IndexSnapshot, rows: np.ndarray, scores: np.ndarray, query: dict, timer: _Timer,
+                t0: float, cpu0: float) -> pa.Table:
+        """The result table of the final hits, with the query / timings / version metadata."""
         tm = time.perf_counter()
-        table = self._result(snap, rows[keep], scores[keep])
+        table = self._result(snap, rows, scores)
         timer.metadata_ms += (time.perf_counter() - tm) * 1e3
         total = (time.perf_counter() - t0) * 1e3
         # CPU time of this thread after encoding: what the query costs without the wall-clock
         # noise of a shared, oversubscribed machine
         timer.extra["non_encoder_cpu_ms"] = round((time.thread_time() - cpu0) * 1e3, 4)
         md = {
-            b"query": json.dumps({**desc, "k": k, "filters": filters, "dedup_overlap": max_ov, "rerank": do_rerank},
-                                 default=str).encode(),
+            b"query": json.dumps(query, default=str).encode(),
             b"timings": json.dumps(timer.as_dict(total)).encode(),
             b"index_version": snap.version.encode(),
             b"model": (self.embedder.model_id if self.embedder is not None else "").encode(),

@@ -133,6 +133,12 @@ class QueryActor:
         """Raw-embedding query ((D,) floats). Raises QueryError."""
         return self._call(self.engine.embedding, vector, k, filters=filters, dedup=dedup, rerank=rerank)
 
+    def novel(self, k: int = 16, date_from: str | None = None, date_to: str | None = None, by: str | None = None,
+              filters: Mapping | None = None) -> pa.Table:
+        """Query-free mode: the k rarest patches of the date range, one per frame
+        (``QueryEngine.novel``, :mod:`mining.novel`). Raises QueryError."""
+        return self._call(self.engine.novel, k, date_from, date_to, by=by, filters=filters)
+
     def campaign(self, campaign: str, k: int = 16, method: str = "probe", filters: Mapping | None = None,
                  dedup: bool = True, candidates: int = 2000, data_root: str | None = None) -> pa.Table:
         """Relevance-feedback query of a campaign (``mining.campaign.campaign_query``). Raises QueryError."""

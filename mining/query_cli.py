@@ -68,6 +68,8 @@ def _filters(args) -> dict:
 
 def _request(args) -> tuple[str, tuple, dict, dict]:
     """(method, args, kwargs, description) for the engine / actor."""
+    if getattr(args, "novel", False):
+        return "novel", (args.k,), {"by": args.by, "filters": _filters(args) or None}, {"type": "novel", "by": args.by}
     kw = {"filters": _filters(args) or None, "dedup": not args.no_dedup, "rerank": args.rerank}
     if args.text is not None:
         return "text", (args.text, args.k), kw, {"type": "text", "text": args.text}
@@ -107,9 +109,33 @@ def _print_rows(table, as_json: bool) -> None:
         print(f"{r['rank']:>4}  {r['score']:>7.4f}  {box:<22}  {r['image_uri']}")
 
 
+def _date_error(args) -> str | None:
+    """One line about a bad --date-from / --date-to (not YYYY-MM-DD, or from after to), else None."""
+    import datetime as dt
+
+    for flag, v in (("--date-from", args.date_from), ("--date-to", args.date_to)):
+        if v is not None:
+            try:
+                dt.date.fromisoformat(v)
+            except ValueError:
+                return f"{flag} must be a date YYYY-MM-DD, got {v!r}"
+    if args.date_from and args.date_to and args.date_from > args.date_to:
+        return f"--date-from {args.date_from} is after --date-to {args.date_to}"
+    return None
+
+
 def _settings_error(args) -> str | None:
-    if not any(x is not None for x in (args.text, args.image, args.examples, args.embedding)) and not args.campaign:
-        return "give a query (--text, --image, --examples or --embedding) or --campaign NAME"
+    novel = getattr(args, "novel", False)
+    if not any(x is not None for x in (args.text, args.image, args.examples, args.embedding)) and not args.campaign \
+            and not novel:
+        return "give a query (--text, --image, --examples, --embedding or --novel) or --campaign NAME"
+    if novel and args.campaign:
+        return "--novel is query-free: it does not take --campaign"
+    if getattr(args, "by", None) and not novel:
+        return "--by only applies to --novel"
+    bad_date = _date_error(args)
+    if bad_date:
+        return bad_date
     if args.k is not None and args.k < 1:
         return f"--k must be >= 1, got {args.k}"
     if args.candidates < 1:
@@ -176,7 +202,7 @@ def run_query(args: argparse.Namespace) -> int:
     if args.out:
         from mining.export import ExportError, export_hits
 
-        q = info["query"] if method == "campaign" else {**desc, "k": args.k, **({"filters": {
+        q = info["query"] if method in ("campaign", "novel") else {**desc, "k": args.k, **({"filters": {
             k: (v if k != "exclude_image_ids" else f"{len(v)} ids") for k, v in (kw.get("filters") or {}).items()}}
             if kw.get("filters") else {})}
         try:
@@ -228,7 +254,7 @@ def _run_local(args, method, pargs, kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-init warning is printed once below from the result
         engine = QueryEngine(args.index, version=args.version, clip=clip, device=args.device, config=cfg,
-                             load_embedder=method != "campaign")
+                             load_embedder=method not in ("campaign", "novel"))
     data_root = args.data or engine.snapshot.manifest.get("data_root")
     if method == "campaign":
         from mining.campaign import campaign_query

@@ -7,6 +7,7 @@ with the ``epitome`` backend through the mining actor's own code (:class:`ShardM
 from __future__ import annotations
 
 import io
+import json
 import os
 import warnings
 
@@ -19,7 +20,8 @@ import torch
 from mining.pipeline import MineConfig, ShardMiner
 from mining.shards import list_shards, write_tar_shard
 from mining.store import open_patches
-from tests.conftest import gtsdb_images
+from conftest import gtsdb_images, run_cli
+from test_query import query_dataset  # noqa: F401 (session fixture: the query tests' dataset + flat index)
 
 TINY = dict(clip_model="tiny-test-random", clip_pretrained=None, clip_random_init=True, date="2026-11-20", run_id="t")
 
@@ -209,3 +211,112 @@ def test_update_adds_uniqueness_for_all_patches_and_reads_an_older_version_witho
     assert all(nov[p] is None for p in pids.tolist()) and all(nov[p] is not None for p in pids2.tolist())
     u = read_uniqueness(v1.path)
     assert u.num_rows == meta.num_rows and set(u["patch_id"].to_pylist()) == set(nov)
+
+
+# --------------------------------------------------------------------------- query-free mode (engine, CLI)
+
+@pytest.fixture(scope="module")
+def novel_engine(query_dataset):  # noqa: F811 - the session fixture of test_query.py
+    from mining.query import QueryEngine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return QueryEngine(query_dataset.index, load_embedder=False)  # no CLIP needed for rarity
+
+
+def _uniqueness_by_pid(index_root: str) -> dict:
+    from mining.index import open_index
+    from mining.index.uniqueness import read_uniqueness
+
+    u = read_uniqueness(open_index(index_root).path)
+    return dict(zip(u["patch_id"].to_pylist(), u["uniqueness"].to_pylist()))
+
+
+def _expected(rows: list[dict], score: dict, k: int) -> list[int]:
+    """Reference: per frame its highest-scoring patch (ties by patch id), frames by that score."""
+    best = {}
+    for r in rows:
+        key = (-score[r["patch_id"]], r["patch_id"])
+        if r["image_id"] not in best or key < best[r["image_id"]][0]:
+            best[r["image_id"]] = (key, r["patch_id"])
+    return [pid for _, pid in sorted(best.values())][:k]
+
+
+def test_novel_ranks_one_patch_per_frame_by_novelty_uniqueness_or_both(novel_engine, query_dataset):  # noqa: F811
+    from mining.novel import percentile_rank
+    from mining.query import RESULT_SCHEMA, query_info
+
+    qd = query_dataset
+    nov = {r["patch_id"]: r["novelty"] for r in qd.rows}
+    uni = _uniqueness_by_pid(qd.index)
+    t = novel_engine.novel(10, by="novelty")
+    assert t.schema.remove_metadata().equals(RESULT_SCHEMA) and t.num_rows == len(qd.images)
+    assert t["patch_id"].to_pylist() == _expected(qd.rows, nov, 10)
+    assert len(set(t["image_id"].to_pylist())) == t.num_rows  # one patch per frame
+    np.testing.assert_allclose(t["score"].to_numpy(), [nov[p] for p in t["patch_id"].to_pylist()], rtol=1e-6)
+    assert t["rank"].to_pylist() == list(range(1, t.num_rows + 1))
+
+    t = novel_engine.novel(2, by="uniqueness")
+    assert t["patch_id"].to_pylist() == _expected(qd.rows, uni, 2)
+    assert all(0 <= s <= 1 for s in t["score"].to_pylist())
+
+    pids = [r["patch_id"] for r in qd.rows]
+    both = (percentile_rank(np.array([nov[p] for p in pids])) + percentile_rank(np.array([uni[p] for p in pids]))) / 2
+    t = novel_engine.novel(10)  # default: both signals present -> both
+    assert query_info(t)["query"]["by"] == "both"
+    assert t["patch_id"].to_pylist() == _expected(qd.rows, dict(zip(pids, both)), 10)
+
+    # the date range restricts the candidates (and the percentile ranks) to that night
+    day = qd.rows[0]["date"]
+    t = novel_engine.novel(10, date_from=day, date_to=day, by="novelty")
+    assert set(t["date"].to_pylist()) == {day}
+    assert t["patch_id"].to_pylist() == _expected([r for r in qd.rows if r["date"] == day], nov, 10)
+
+
+def test_novel_bad_requests_are_query_errors(novel_engine):
+    from mining.query import QueryError
+
+    with pytest.raises(QueryError, match="after"):
+        novel_engine.novel(5, date_from="2026-02-01", date_to="2026-01-01")
+    with pytest.raises(QueryError, match="YYYY-MM-DD"):
+        novel_engine.novel(5, date_from="2026-13-01")
+    with pytest.raises(QueryError, match="unknown rarity"):
+        novel_engine.novel(5, by="weird")
+    with pytest.raises(QueryError, match="k must be"):
+        novel_engine.novel(0)
+
+
+def test_novel_falls_back_to_uniqueness_and_explains_a_missing_signal():
+    from mining.novel import rarity_scores
+    from mining.query import QueryError
+
+    u = np.array([0.2, 0.9, 0.5])
+    s, by = rarity_scores(np.full(3, np.nan), u, None)
+    assert by == "uniqueness" and s.tolist() == u.tolist()
+    with pytest.raises(QueryError, match="no patch in this range has an epitome novelty"):
+        rarity_scores(None, u, "novelty")
+    with pytest.raises(QueryError, match="no uniqueness.parquet"):
+        rarity_scores(np.array([1.0, 2.0, 3.0]), None, "both")
+    s, by = rarity_scores(np.array([1.0, np.nan, 3.0]), u, "both")  # a patch with one signal keeps that rank
+    np.testing.assert_allclose(s, [(1 / 2 + 1 / 3) / 2, 1.0, (2 / 2 + 2 / 3) / 2])
+
+
+def test_novel_cli_prints_exports_and_rejects_bad_dates(query_dataset, tmp_path):  # noqa: F811
+    qd = query_dataset
+    day = qd.rows[-1]["date"]
+    out = tmp_path / "rare"
+    cp = run_cli(["jobs.query", "--index", qd.index, "--novel", "--date-from", day, "--date-to", day, "--k", "5",
+                  "--by", "novelty", "--out", str(out), "--json"])
+    hits = [json.loads(x) for x in cp.stdout.splitlines() if x.startswith("{")]
+    nov = {r["patch_id"]: r["novelty"] for r in qd.rows}
+    assert [h["patch_id"] for h in hits] == _expected([r for r in qd.rows if r["date"] == day], nov, 5)
+    for f in ("manifest.jsonl", "manifest.parquet", "contact_sheet.png", "gallery.html"):
+        assert (out / f).exists(), f
+    m = [json.loads(x) for x in open(out / "manifest.jsonl")]  # one row per frame: here one patch each
+    assert all(len(r["patch_ids"]) == 1 for r in m)
+    assert {r["patch_ids"][0]: r["scores"][0] for r in m} == pytest.approx({h["patch_id"]: h["score"] for h in hits})
+    for bad, msg in ((["--date-from", "2026-1-32"], "--date-from must be a date YYYY-MM-DD"),
+                     (["--date-from", "2026-02-01", "--date-to", "2026-01-01"], "is after --date-to")):
+        cp = run_cli(["jobs.query", "--index", qd.index, "--novel", "--k", "3", *bad], check=False)
+        lines = cp.stderr.strip().splitlines()
+        assert cp.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], cp.stderr

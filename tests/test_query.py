@@ -26,13 +26,19 @@ DATES = ("2026-01-01", "2026-01-02")
 N_IMAGES = 4
 
 
+def planted_novelty(image: int, box: int) -> float:
+    """The epitome novelty written for box ``box`` of frame ``image`` (distinct values; each frame's
+    rarest box differs), so query-free novelty queries have a known answer."""
+    return float((image * 5 + box * 7) % 13) + 0.01 * image
+
+
 class QueryData:
     """Paths and ground truth of the test dataset."""
 
     def __init__(self, root, data, index, images, emb, rows):
         self.root, self.data, self.index, self.images = root, data, index, images
         self.emb = emb      # (N, D) float32 normalised, aligned with rows
-        self.rows = rows    # list of dicts: patch_id, image_id, image_uri, box, date
+        self.rows = rows    # list of dicts: patch_id, image_id, image_uri, box, date, novelty
 
 
 def embedder():
@@ -61,12 +67,13 @@ def build_query_dataset(root: str, emb=None, n_images: int = N_IMAGES) -> QueryD
             arr = np.array(Image.open(uri).convert("RGB"))
             iid = make_image_id(uri)
             z = emb.embed_crops(arr, np.asarray(BOXES))
-            for b in BOXES:
+            for j, b in enumerate(BOXES):
                 pid = make_patch_id(iid, b, 1)
+                nov = planted_novelty(images.index(uri), j)
                 out.patches.append(dict(patch_id=pid, image_id=iid, image_uri=uri, shard=out.shard, date=date,
-                                        x0=b[0], y0=b[1], x1=b[2], y1=b[3], level=1, score=0.5,
+                                        x0=b[0], y0=b[1], x1=b[2], y1=b[3], level=1, score=0.5, novelty=nov,
                                         model=emb.model_id, run_id="test"))
-                rows.append(dict(patch_id=pid, image_id=iid, image_uri=uri, box=b, date=date))
+                rows.append(dict(patch_id=pid, image_id=iid, image_uri=uri, box=b, date=date, novelty=nov))
             out.embeddings.append(z)
             all_emb.append(z)
             out.images.append(dict(image_id=iid, image_uri=uri, shard=out.shard, date=date, width=arr.shape[1],

@@ -146,6 +146,43 @@ def test_bad_queries_keep_the_actor_serving(served):
     assert after["pid"] == before["pid"] and after["errors"] - before["errors"] == len(bad)
 
 
+def test_novel_query_through_the_actor(served, tmp_path):
+    """Query-free mode: the rarest patch of each frame, ranked by rarity, through the actor
+    (a Ray handle, then the CLI over the Ray client with an export)."""
+    import ray
+
+    from mining.query import QueryError, query_info
+
+    actor, qd = served["actor"], served["qd"]
+    nov = {r["patch_id"]: r["novelty"] for r in qd.rows}
+    best = {}
+    for r in qd.rows:  # reference: each frame's most novel patch, frames by that novelty
+        if r["image_id"] not in best or nov[r["patch_id"]] > nov[best[r["image_id"]]]:
+            best[r["image_id"]] = r["patch_id"]
+    want = sorted(best.values(), key=lambda p: -nov[p])
+    t = ray.get(actor.novel.remote(10, by="novelty"), timeout=120)
+    assert t.column("patch_id").to_pylist() == want
+    assert t.column("score").to_pylist() == pytest.approx([nov[p] for p in want])
+    t = ray.get(actor.novel.remote(10), timeout=120)  # default: novelty and uniqueness -> both
+    assert query_info(t)["query"]["by"] == "both" and t.num_rows == len(qd.images)
+    assert len(set(t.column("image_id").to_pylist())) == t.num_rows
+    s = t.column("score").to_pylist()
+    assert s == sorted(s, reverse=True) and all(0 < x <= 1 for x in s)
+    with pytest.raises(QueryError, match="after"):
+        ray.get(actor.novel.remote(3, "2026-02-01", "2026-01-01"), timeout=120)
+
+    out = tmp_path / "rare"
+    day = qd.rows[0]["date"]
+    cp = run_cli(["jobs.query", "--address", served["head"].client, "--actor-name", served["name"], "--novel",
+                  "--by", "novelty", "--date-from", day, "--date-to", day, "--k", "5", "--out", str(out), "--json"],
+                 timeout=300)
+    hits = [json.loads(x) for x in cp.stdout.splitlines() if x.startswith('{"rank"')]
+    assert [h["patch_id"] for h in hits] == [p for p in want if nov[p] is not None and
+                                             next(r["date"] for r in qd.rows if r["patch_id"] == p) == day]
+    for f in ("manifest.jsonl", "manifest.parquet", "contact_sheet.png", "gallery.html"):
+        assert (out / f).exists(), f
+
+
 def test_reload_during_query_stream_loses_none(served):
     import ray
     from PIL import Image
