@@ -40,6 +40,20 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ranker-random-init", action="store_true", help="SMOKE RUNS ONLY: random LTRP/MAE weights")
 
 
+def add_epitome_args(p: argparse.ArgumentParser) -> None:
+    d, _ = _defaults()
+    g = p.add_argument_group("epitome (for --saliency epitome and ensembles with it)")
+    g.add_argument("--epitome", default=d.epitome,
+                   help="epitome model file (default: <output>/models/epitome/LATEST, else one trained on the "
+                        "run's first frames; see python -m jobs.train_epitome)")
+    g.add_argument("--no-epitome-bootstrap", dest="epitome_bootstrap", action="store_false", default=d.epitome_bootstrap,
+                   help="a root without an epitome falls back to sr-bms instead of training one on the run's first frames")
+    g.add_argument("--epitome-bootstrap-frames", type=int, default=d.epitome_bootstrap_frames,
+                   help=f"frames the bootstrap epitome is trained on (default {d.epitome_bootstrap_frames})")
+    g.add_argument("--epitome-bootstrap-steps", type=int, default=d.epitome_bootstrap_steps,
+                   help=f"optimiser steps of the bootstrap epitome (default {d.epitome_bootstrap_steps})")
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     d, r = _defaults()
     g = p.add_argument_group("runtime")
@@ -77,6 +91,8 @@ def mine_config(args: argparse.Namespace, date: str | None = None):
         preset=args.preset, saliency=args.saliency, selector=args.selector,
         ltrp_checkpoint=args.ltrp_checkpoint, mae_checkpoint=args.mae_checkpoint, kpp_ratio=args.kpp_ratio,
         ranker_random_init=args.ranker_random_init, clip_model=args.clip_model,
+        epitome=args.epitome, epitome_bootstrap=args.epitome_bootstrap,
+        epitome_bootstrap_frames=args.epitome_bootstrap_frames, epitome_bootstrap_steps=args.epitome_bootstrap_steps,
         clip_pretrained=None if args.clip_random_init else args.clip_pretrained,
         clip_random_init=args.clip_random_init, batch_size=args.batch_size, device=args.device,
         decode_threads=args.decode_threads, select_impl=args.select_impl, frame_batch=args.frame_batch,

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from jobs._common import add_clip_args, add_runtime_args, add_selection_args, fail, mine_config, runtime_kwargs, setup_logging
+from jobs._common import add_clip_args, add_epitome_args, add_runtime_args, add_selection_args, fail, mine_config, runtime_kwargs, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", default=None, help="ingest date partition YYYY-MM-DD (default: today, UTC)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
     add_selection_args(p)
+    add_epitome_args(p)
     add_clip_args(p)
     add_runtime_args(p)
     return p

@@ -5,13 +5,17 @@ Order of work (:func:`run_mining`):
 1. Fail fast, before Ray: settings (:mod:`mining.validate`: numbers >= 1, selector / preset /
    saliency names, CLIP weights, ``--output`` writable, ``--input`` has shards). Each problem
    is one line (:class:`mining.errors.SettingsError` or ``WeightsError``).
-2. Connect (:func:`mining.connect.connect`) and size the pool from what is *free*
+2. A saliency backend that needs an epitome gets one before any actor starts
+   (:func:`mining.epitome.resolve.resolve_epitome`: ``--epitome``, the root's latest, one trained
+   on the run's first frames, or the fallback to ``sr-bms``; one line says which), passed to the
+   actors in ``MineConfig.epitome`` and env ``MINING_EPITOME``.
+3. Connect (:func:`mining.connect.connect`) and size the pool from what is *free*
    (``ray.available_resources()``) and ``num_actors``.
-3. Start the actors and dispatch shards as soon as the first one is ready; actors that come up
+4. Start the actors and dispatch shards as soon as the first one is ready; actors that come up
    later join the pool. While actors wait for resources, a line every ``pending_report_s``
    seconds says what they want and what is free. No actor ready within ``startup_timeout``
    seconds: :class:`mining.errors.StartupTimeout`.
-4. Attempts are counted per shard. A shard whose task failed is retried (after a backoff) on any
+5. Attempts are counted per shard. A shard whose task failed is retried (after a backoff) on any
    actor; an actor that died is restarted by Ray and gets new work only after it answers again,
    so a restart is never charged to another shard.
 """
@@ -121,6 +125,8 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
     if not todo:
         summary.update(wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0, patches_per_s=0.0)
         return summary
+    epitome_env, how = _resolve_epitome(cfg, output_root, todo, progress)
+    summary["epitome"] = {"path": cfg.epitome, "how": how} if how else None
     import ray
 
     from mining.connect import connect
@@ -132,7 +138,7 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
     counter_name = f"mining-progress-{cfg.run_id}" if progress else None
     counter = ray.remote(ProgressCounter).options(num_cpus=0, name=counter_name).remote() if progress else None
     Actor = ray.remote(ShardMiner)
-    renv = {"env_vars": actor_env()}
+    renv = {"env_vars": {**actor_env(), **epitome_env}}
     actors = [Actor.options(max_restarts=-1, max_task_retries=0, runtime_env=renv, **opts).remote(cfg, True, counter_name)
               for _ in range(n)]
     try:
@@ -147,6 +153,39 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
     summary.update(wall_s=round(wall, 3), images_per_s=round(summary["images"] / wall, 3),
                    patches_per_s=round(summary["patches"] / wall, 3), num_actors=len(summary["actors"]))
     return summary
+
+
+def _resolve_epitome(cfg: MineConfig, output_root: str, todo: list[ShardRef], progress: bool) -> tuple[dict, str | None]:
+    """Settle the epitome of a run whose saliency needs one, before any actor starts (issue 14 item 5).
+
+    Mutates the (resolved) ``cfg``: ``cfg.epitome`` becomes the model file, or, on fallback,
+    ``cfg.saliency`` becomes ``sr-bms``. Prints one line saying which (see
+    :func:`mining.epitome.resolve.resolve_epitome`).
+
+    Returns:
+        ``(the actors' extra env: MINING_EPITOME, how: given/root/bootstrap/fallback)``;
+        ``({}, None)`` when the saliency needs no epitome.
+    """
+    from mining.epitome.resolve import FALLBACK_SALIENCY, needs_epitome, resolve_epitome
+
+    if cfg.selector != "saliency" or not needs_epitome(cfg.saliency):
+        return {}, None
+    frames = None
+    if cfg.epitome_bootstrap:
+        import itertools
+
+        from mining.epitome.job import FrameStream
+
+        def frames(n: int):
+            return itertools.islice(FrameStream(todo, max_pixels=cfg.max_pixels), n)
+    path, how = resolve_epitome(cfg.epitome, output_root, frames, print if progress else log.info,
+                                bootstrap_frames=cfg.epitome_bootstrap_frames,
+                                bootstrap_steps=cfg.epitome_bootstrap_steps, device=cfg.device)
+    if path is None:
+        cfg.saliency = FALLBACK_SALIENCY
+        return {}, how
+    cfg.epitome = path
+    return {"MINING_EPITOME": path}, how
 
 
 def _dispatch_loop(ray, actors, opts, free0, todo, output_root, cfg, summary, *, max_attempts, progress, counter,

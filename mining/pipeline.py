@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from mining.decode import DEFAULT_MAX_PIXELS
+from mining.epitome.resolve import BOOTSTRAP_FRAMES, BOOTSTRAP_STEPS
 from mining.shards import ShardRef
 from mining.stages import HOST_STAGES, STAGES, StageTimer
 from mining.store import ShardOutput, image_row, write_shard
@@ -73,7 +74,7 @@ DEFAULT_FRAME_BATCH = {"cuda": 32, "cpu": 4}
 PASS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MINING_S3_RETRIES", "HF_HOME", "HF_HUB_OFFLINE",
             "OPEN_CLIP_CACHE_DIR", "MINING_LTRP_CHECKPOINT", "MINING_MAE_CHECKPOINT", "MINING_RANKER_ARCH",
-            "MINING_MAE_ARCH", "MINING_RANKER_RANDOM_INIT", "MINING_KPP_RATIO")
+            "MINING_MAE_ARCH", "MINING_RANKER_RANDOM_INIT", "MINING_KPP_RATIO", "MINING_EPITOME")
 
 
 def actor_env() -> dict:
@@ -110,6 +111,10 @@ class MineConfig:
     ``clip_random_init`` (explicit smoke-run opt-in).
     Throughput: ``frame_batch`` frames per decode/select/crop batch (None: 32 on CUDA, 4 on
     CPU); ``decode_threads`` (None: the actor's CPUs); ``prefetch`` frames read ahead.
+    Epitome (backends that need one, :func:`mining.epitome.resolve.needs_epitome`): ``epitome``
+    model file, else the driver resolves one (:func:`mining.epitome.resolve.resolve_epitome`:
+    the root's latest, a bootstrap on the run's first frames unless ``epitome_bootstrap`` is
+    False, or the fallback to ``sr-bms``).
     """
 
     preset: str | None = None            # None: mining.selection.DEFAULT_PRESET
@@ -121,6 +126,10 @@ class MineConfig:
     mae_checkpoint: str | None = None
     kpp_ratio: float = 0.25
     ranker_random_init: bool = False
+    epitome: str | None = None           # epitome model file; None: resolved by the driver (mining.epitome.resolve)
+    epitome_bootstrap: bool = True       # a root without an epitome: train one on the run's first frames
+    epitome_bootstrap_frames: int = BOOTSTRAP_FRAMES   # ... on this many frames
+    epitome_bootstrap_steps: int = BOOTSTRAP_STEPS     # ... for this many optimiser steps
     clip_model: str = "ViT-B-16"
     clip_pretrained: str | None = "openai"
     clip_random_init: bool = False

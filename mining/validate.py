@@ -46,6 +46,25 @@ def check_selection(cfg) -> None:
         raise SettingsError(f"--kpp-ratio must be in (0, 1] (got {cfg.kpp_ratio})")
 
 
+def check_epitome(cfg) -> None:
+    """``--epitome`` (when given) is a readable epitome model file; the bootstrap settings are >= 1.
+
+    Raises:
+        SettingsError: missing file, not an epitome file, or a bootstrap setting < 1.
+    """
+    check_positive(epitome_bootstrap_frames=cfg.epitome_bootstrap_frames,
+                   epitome_bootstrap_steps=cfg.epitome_bootstrap_steps)
+    if cfg.epitome:
+        from mining.epitome.model import load_epitome
+
+        try:
+            load_epitome(cfg.epitome)
+        except FileNotFoundError:
+            raise SettingsError(f"--epitome {cfg.epitome!r} does not exist") from None
+        except Exception as e:  # noqa: BLE001 - not a model file, unreadable, newer format
+            raise SettingsError(f"--epitome {cfg.epitome!r} is not a usable epitome model: {e}") from None
+
+
 def check_weights(cfg) -> None:
     """CLIP weights resolve (see :func:`mining.embed.check_weights`); a bad model name is a SettingsError.
 
@@ -161,5 +180,6 @@ def check_mine_settings(cfg, output_root: str, *, num_actors=None, cpus_per_acto
     if startup_timeout is not None and startup_timeout <= 0:
         raise SettingsError(f"--startup-timeout must be > 0 seconds (got {startup_timeout})")
     check_selection(cfg)
+    check_epitome(cfg)
     check_weights(cfg)
     check_output(output_root)

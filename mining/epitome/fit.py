@@ -196,15 +196,26 @@ class EpitomeTrainer:
         loss = -worst.mean() / self.model.spec.dim
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.sync_grads()
         self.opt.step()
         self.model.clamp_()
         with torch.no_grad():
             post = torch.softmax(lj.detach().flatten(1), 1).reshape(lj.shape)
-            self.promotion.update(post)
+            self.promotion.update(self.sync_posterior(post))
         self.step_no += 1
         nll = float(-ll.detach().mean())
         self.history.append(nll)
         return nll
+
+    def sync_grads(self) -> None:
+        """Hook between ``backward`` and the optimiser step; data-parallel trainers average the
+        gradients across workers here (:mod:`mining.epitome.job`). No-op on one worker."""
+
+    def sync_posterior(self, posterior: torch.Tensor) -> torch.Tensor:
+        """Hook before the promotion counters are updated: returns the (B', N, N) posteriors to add.
+        Data-parallel trainers return the sum over every worker's batch, so all workers block the
+        same windows. Identity on one worker."""
+        return posterior
 
     def fit(self, frames: Sequence[torch.Tensor], steps: int | None = None, log_every: int = 0) -> dict:
         """Train on working-resolution frames held in memory (see :func:`train_on_images`).
