@@ -94,7 +94,8 @@ def read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
 
 
-def make_backend(selector: str, saliency: str | None, checkpoint: str | None = None, random_init: bool = False):
+def make_backend(selector: str, saliency: str | None, checkpoint: str | None = None, random_init: bool = False,
+                 epitome=None):
     """The saliency backend for ``--selector`` (saliency maps or a learned ranker's maps).
 
     The same registry call as the mining job (:func:`mining.registry.backend_from_config`);
@@ -104,7 +105,7 @@ def make_backend(selector: str, saliency: str | None, checkpoint: str | None = N
     from mining.registry import backend_from_config
 
     options = {"selector": selector, "saliency": saliency or DEFAULT_SALIENCY, "ltrp_checkpoint": checkpoint,
-               "mae_checkpoint": checkpoint, "ranker_random_init": random_init}
+               "mae_checkpoint": checkpoint, "ranker_random_init": random_init, "epitome": epitome}
     try:
         return backend_from_config(options)
     except KeyError as e:
@@ -112,6 +113,29 @@ def make_backend(selector: str, saliency: str | None, checkpoint: str | None = N
     except (ValueError, FileNotFoundError, TypeError) as e:
         raise SystemExit(f"error: cannot create the {selector!r} backend: {e} "
                          f"(pass --ranker-checkpoint PATH, or --ranker-random-init for a smoke run)") from None
+
+
+def resolve_epitome_arg(args, items):
+    """The epitome for ``--saliency`` when it has an epitome member: ``--epitome``, else one trained on ``items``.
+
+    Returns:
+        ``(model path / Epitome / None, description for the JSON line)``; ``(None, None)`` when the
+        backend needs no epitome.
+    """
+    from mining.epitome.resolve import needs_epitome
+
+    if args.selector != "saliency" or not needs_epitome(args.saliency or DEFAULT_SALIENCY):
+        return None, None
+    if args.epitome:
+        return args.epitome, f"given: {args.epitome}"
+    from mining.epitome.fit import TrainConfig, train_on_images
+
+    cfg = TrainConfig() if args.epitome_steps is None else TrainConfig(steps=args.epitome_steps)
+    t0 = time.perf_counter()
+    model, info = train_on_images((read_rgb(p) for p, _, _ in items), cfg=cfg, device=args.device)
+    src = f"trained on the --data images ({info['frames']} frames, {info['steps']} steps, {time.perf_counter() - t0:.0f} s)"
+    print(f"epitome: {src}", flush=True)
+    return model, src
 
 
 def run(items, config, backend, batch: int = 8, impl: str | None = None, keep_selections: bool = False,
@@ -416,6 +440,10 @@ def main(argv=None) -> int:
                     help="run the selector through mining.select_device.select_frames with this implementation "
                          "(default: the numpy reference select_patches_batch)")
     ap.add_argument("--device", default="cpu", help="device of the frames with --backend-impl (cpu | cuda)")
+    ap.add_argument("--epitome", default=None, metavar="MODEL",
+                    help="epitome model file for saliency backends with an epitome member (default: train one on "
+                         "the --data images themselves, unlabelled, as a night's run would)")
+    ap.add_argument("--epitome-steps", type=int, default=None, help="training steps when no --epitome")
     ap.add_argument("--misses", type=Path, default=None, metavar="DIR",
                     help="write contact sheets (misses_000.jpg, ...; 48 tiles each) and misses.csv of the objects "
                          "that were NOT captured, with the selected patches drawn around them")
@@ -442,16 +470,17 @@ def main(argv=None) -> int:
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
-    backend = make_backend(args.selector, args.saliency, args.ranker_checkpoint, args.ranker_random_init)
-    sal_name = getattr(backend, "name", args.saliency)
     items = load_dataset(args.data, args.limit, args.start)
+    epitome, epitome_src = resolve_epitome_arg(args, items)
+    backend = make_backend(args.selector, args.saliency, args.ranker_checkpoint, args.ranker_random_init, epitome)
+    sal_name = getattr(backend, "name", args.saliency)
     res = run(items, cfg, backend, batch=args.batch, impl=args.backend_impl, device=args.device,
               keep_selections=args.misses is not None)
     print_table(res, f"variant {variant}  selector {args.selector}  saliency {sal_name}")
     out = {"variant": variant, "selector": args.selector, "saliency": sal_name,
            "backend_impl": args.backend_impl or "numpy-reference", "device": args.device,
            **{k: res[k] for k in ("images", "objects", "capture", "patches_per_image", "ms_per_image")},
-           "capture_by_category": res["capture_by_category"]}
+           "capture_by_category": res["capture_by_category"], "epitome": epitome_src}
     if args.misses is not None:
         n_missed = write_misses(items, res, args.misses)
         print(f"misses: {n_missed} objects -> {args.misses}")

@@ -49,20 +49,23 @@ RARE = {24: "road narrows (24)", 31: "animals (31)"}
 # Epitome shapes compared (size N, patch K, working-resolution scale): see mining/epitome/model.py.
 EPITOMES = {
     "e32k5s8": dict(size=32, patch=5, scale=8),
-    "e48k5s8": dict(size=48, patch=5, scale=8),
-    "e32k7s8": dict(size=32, patch=7, scale=8),
-    "e32k5s6": dict(size=32, patch=5, scale=6),
+    "e32k3s8": dict(size=32, patch=3, scale=8),
+    "e64k5s8": dict(size=64, patch=5, scale=8),
 }
 
 # name -> (preset, ((map source, weight), ...)); sources: weight-free backends or "ep:<EPITOMES key>".
+# The default set is what fits in ~30 min on 2 CPU cores; --candidates picks others by name.
 CANDIDATES = {
     "pooled/sr-bms": ("hierarchical-pooled", (("sr-bms", 1.0),)),
     "context/sr-bms": ("hierarchical-context", (("sr-bms", 1.0),)),
     "pooled/epitome[e32k5s8]": ("hierarchical-pooled", (("ep:e32k5s8", 1.0),)),
 }
 for _e in EPITOMES:
-    for _w in (0.25, 0.5):
+    for _w in (0.1, 0.25, 0.5):
         CANDIDATES[f"pooled/sr-bms+{_w:g}*epitome[{_e}]"] = ("hierarchical-pooled", (("sr-bms", 1 - _w), (f"ep:{_e}", _w)))
+DEFAULT_CANDIDATES = ("pooled/sr-bms", "context/sr-bms", "pooled/epitome[e32k5s8]", "pooled/sr-bms+0.1*epitome[e32k5s8]",
+                      "pooled/sr-bms+0.25*epitome[e32k5s8]", "pooled/sr-bms+0.1*epitome[e32k3s8]",
+                      "pooled/sr-bms+0.25*epitome[e32k3s8]")
 
 
 class MapCache:
@@ -100,7 +103,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=300, help="epitome training steps per fold")
+    ap.add_argument("--steps", type=int, default=600, help="epitome training steps per fold (TrainConfig's default)")
     ap.add_argument("--candidates", default=None, help="comma-separated subset of candidate names")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", type=Path, default=None, help="write per-object hits (npz) here")
@@ -116,7 +119,11 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     items = load_dataset(args.data, args.limit)
-    cands = CANDIDATES if not args.candidates else {k: CANDIDATES[k] for k in args.candidates.split(",")}
+    names = args.candidates.split(",") if args.candidates else DEFAULT_CANDIDATES
+    unknown = [k for k in names if k not in CANDIDATES]
+    if unknown:
+        raise SystemExit(f"error: unknown candidates {unknown}; known: {sorted(CANDIDATES)}")
+    cands = {k: CANDIDATES[k] for k in names}
     eps = sorted({s[3:] for _, mix in cands.values() for s, _ in mix if s.startswith("ep:")})
     wf = sorted({s for _, mix in cands.values() for s, _ in mix if not s.startswith("ep:")})
     fold_of = np.arange(len(items)) % FOLDS
