@@ -163,3 +163,32 @@ def test_nightly_mines_with_the_roots_epitome_and_refreshes_it(ray_head, tmp_pat
     assert new != boot
     meta = load_epitome(new)[1]
     assert meta["init"] == boot and meta["night"] == "2026-11-30" and meta["steps"] == 5
+
+
+def _dp_worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(run_worker(cfg, rank=rank, world=world, log=lambda s: None), f"{out}/w{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_data_parallel_workers_hold_the_same_epitome_and_counters(tmp_path):
+    """The job's data-parallel step without Ray: gloo all-reduce of gradients and promotion posteriors."""
+    from mining.shards import list_shards
+    from tests.conftest import free_port
+
+    inp = _photos(tmp_path, 4)
+    shards = list_shards(str(inp), images_per_dir_shard=2)
+    cfg = job_config(shards, EpitomeSpec(size=16, patch=3, scale=16), TrainConfig(steps=6, batch=32), max_frames=2,
+                     checkpoint_every=3, workers=2)
+    torch.multiprocessing.spawn(_dp_worker, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2)
+    a, b = (torch.load(tmp_path / f"w{r}.pt", weights_only=True) for r in (0, 1))
+    for k, v in a["trainer"]["model"]["state_dict"].items():
+        assert torch.equal(v, b["trainer"]["model"]["state_dict"][k]), k
+    assert torch.equal(a["trainer"]["promotion"]["counts"], b["trainer"]["promotion"]["counts"])
+    assert a["reservoir"]["seen"] == b["reservoir"]["seen"] == 2      # each read only its own shard
+    assert not torch.equal(a["reservoir"]["frames"][0], b["reservoir"]["frames"][0])

@@ -109,6 +109,23 @@ def latest_model(model_dir: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- frames
+def fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """glibc only: serve allocations >= ``nbytes`` with mmap, returned to the OS when freed.
+
+    Why: glibc raises its mmap threshold after the first large free, so each frame's big
+    temporaries (13 MB float copies of a 1360 x 800 frame) come from the heap, and the small
+    reservoir frames allocated between them keep the heap from shrinking: measured, 100 GTSDB
+    frames into the reservoir grew the RSS by 1.4 GB, and by 21 MB with the threshold fixed at 1 MB.
+    A no-op where ``mallopt`` is unavailable.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class FrameStream:
     """Decoded frames of a list of shards, in order, resumable at a (shard, record) position.
 
@@ -120,7 +137,8 @@ class FrameStream:
         position: where the next record comes from; errors: records that could not be decoded.
 
     Iterating yields (H, W, 3) uint8 RGB numpy frames; unreadable records and shards are
-    counted in ``errors`` and skipped.
+    counted in ``errors`` and skipped. Creating one fixes the process' mmap threshold
+    (:func:`fixed_mmap_threshold`), so that holding many small frames stays bounded in memory.
     """
 
     def __init__(self, refs: Sequence, position: tuple[int, int] = (0, 0), max_pixels: int | None = None):
@@ -128,6 +146,7 @@ class FrameStream:
 
         self.refs, self.position, self.errors = list(refs), tuple(position), 0
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+        fixed_mmap_threshold()
 
     def __iter__(self) -> Iterator:
         from mining.decode import DecodeError, decode_image
