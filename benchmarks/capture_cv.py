@@ -53,7 +53,7 @@ EPITOMES = {
     "e64k5s8": dict(size=64, patch=5, scale=8),
 }
 
-# name -> (preset, ((map source, weight), ...)); sources: weight-free backends or "ep:<EPITOMES key>".
+# name -> (preset, ((map source, weight), ...)[, preset overrides]); sources: weight-free backends or "ep:<EPITOMES key>".
 # The default set is what fits in ~30 min on 2 CPU cores; --candidates picks others by name.
 CANDIDATES = {
     "pooled/sr-bms": ("hierarchical-pooled", (("sr-bms", 1.0),)),
@@ -63,6 +63,13 @@ CANDIDATES = {
 for _e in EPITOMES:
     for _w in (0.1, 0.25, 0.5):
         CANDIDATES[f"pooled/sr-bms+{_w:g}*epitome[{_e}]"] = ("hierarchical-pooled", (("sr-bms", 1 - _w), (f"ep:{_e}", _w)))
+# weight-free variants of the default preset (one principled change each; see mining/selection.py)
+CANDIDATES["pooled+border/sr-bms"] = ("hierarchical-pooled", (("sr-bms", 1.0),), {"cover_border": True})
+CANDIDATES["pooled+tiles1.5/sr-bms"] = ("hierarchical-pooled", (("sr-bms", 1.0),), {"level1_tiles": 1.5})
+CANDIDATES["pooled+context0.5/sr-bms"] = ("hierarchical-pooled", (("sr-bms", 1.0),), {"context": 0.5})
+CANDIDATES["pooled/spectral-residual-ms"] = ("hierarchical-pooled", (("spectral-residual-ms", 1.0),))
+WEIGHT_FREE_CANDIDATES = ("pooled/sr-bms", "pooled+border/sr-bms", "pooled+tiles1.5/sr-bms", "pooled+context0.5/sr-bms",
+                          "pooled/spectral-residual-ms")
 DEFAULT_CANDIDATES = ("pooled/sr-bms", "context/sr-bms", "pooled/epitome[e32k5s8]", "pooled/sr-bms+0.1*epitome[e32k5s8]",
                       "pooled/sr-bms+0.25*epitome[e32k5s8]", "pooled/sr-bms+0.1*epitome[e32k3s8]",
                       "pooled/sr-bms+0.25*epitome[e32k3s8]")
@@ -104,7 +111,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--steps", type=int, default=600, help="epitome training steps per fold (TrainConfig's default)")
-    ap.add_argument("--candidates", default=None, help="comma-separated subset of candidate names")
+    ap.add_argument("--candidates", default=None,
+                    help="comma-separated candidate names, or 'weight-free' (default: DEFAULT_CANDIDATES)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", type=Path, default=None, help="write per-object hits (npz) here")
     args = ap.parse_args(argv)
@@ -119,13 +127,14 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     items = load_dataset(args.data, args.limit)
-    names = args.candidates.split(",") if args.candidates else DEFAULT_CANDIDATES
+    names = (args.candidates.split(",") if args.candidates not in (None, "weight-free") else
+             WEIGHT_FREE_CANDIDATES if args.candidates == "weight-free" else DEFAULT_CANDIDATES)
     unknown = [k for k in names if k not in CANDIDATES]
     if unknown:
         raise SystemExit(f"error: unknown candidates {unknown}; known: {sorted(CANDIDATES)}")
     cands = {k: CANDIDATES[k] for k in names}
-    eps = sorted({s[3:] for _, mix in cands.values() for s, _ in mix if s.startswith("ep:")})
-    wf = sorted({s for _, mix in cands.values() for s, _ in mix if not s.startswith("ep:")})
+    eps = sorted({s[3:] for c in cands.values() for s, _ in c[1] if s.startswith("ep:")})
+    wf = sorted({s for c in cands.values() for s, _ in c[1] if not s.startswith("ep:")})
     fold_of = np.arange(len(items)) % FOLDS
     hits = {c: [] for c in cands}          # per object, in item order
     obj_fold, obj_cls = [], []
@@ -151,8 +160,8 @@ def main(argv=None) -> dict:
             path, boxes, cls = items[i]
             im = read_rgb(path)
             cache = MapCache(timed)
-            for c, (preset, mix) in cands.items():
-                sel = select_patches_batch([im], get_preset(preset), MixBackend(cache, mix))[0]
+            for c, (preset, mix, *over) in cands.items():
+                sel = select_patches_batch([im], get_preset(preset, **(over[0] if over else {})), MixBackend(cache, mix))[0]
                 assert len(sel.boxes) <= 35
                 hits[c].extend(captured(boxes, sel.boxes).tolist() if len(boxes) else [])
             obj_fold.extend([f] * len(boxes))
