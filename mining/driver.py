@@ -174,7 +174,7 @@ def _resolve_epitome(cfg: MineConfig, output_root: str, todo: list[ShardRef], pr
     if cfg.epitome_bootstrap:
         import itertools
 
-        from mining.epitome.job import FrameStream
+        from mining.epitome.stream import FrameStream
 
         def frames(n: int):
             return itertools.islice(FrameStream(todo, max_pixels=cfg.max_pixels), n)
