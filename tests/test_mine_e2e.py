@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from mining.store import open_errors, open_images, open_patches, patch_schema, read_ledger
+from mining.store import delta_schema, open_errors, open_images, open_patches, patch_schema, read_ledger
 from tests.conftest import gtsdb_images, run_cli
 
 TINY = ["--clip-model", "tiny-test-random", "--clip-random-init"]
@@ -33,12 +33,14 @@ def test_mine_index_query_end_to_end(ray_head, tmp_path):
     assert "images 3, patches" in cp.stdout and "errors 1" in cp.stdout, cp.stdout
     assert "RANDOM" in cp.stdout
 
-    # Parquet files carry exactly the documented schema
-    files = list((data / "patches").rglob("*.parquet"))
+    # the Delta table's one data file carries the Delta schema (embedding list<float32>: Delta has no
+    # float16), and open_patches gives exactly the documented schema
+    files = [f for f in (data / "patches").rglob("*.parquet") if "_delta_log" not in f.parts]
     assert len(files) == 1
     schema = pq.read_schema(files[0])
-    assert schema.remove_metadata().equals(patch_schema(64).remove_metadata()), schema
+    assert schema.remove_metadata().equals(delta_schema("patches")), schema
     t = open_patches(str(data)).to_table()
+    assert t.schema.remove_metadata().equals(patch_schema(64).remove_metadata()), t.schema
     assert t.num_rows >= 3 and len(set(t["patch_id"].to_pylist())) == t.num_rows
     assert set(t["level"].to_pylist()) <= {1, 2}
     x0, y0, x1, y1 = (np.array(t[c].to_pylist()) for c in ("x0", "y0", "x1", "y1"))
