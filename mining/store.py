@@ -476,16 +476,20 @@ def _load(uri: str, opts, *, create: bool):
     if dt is not None:
         dt.update_incremental()
         return dt
-    if not DeltaTable.is_deltatable(uri, storage_options=opts):
+    from deltalake.exceptions import TableNotFoundError
+
+    # (not DeltaTable.is_deltatable: its listing request hangs against the moto S3 server)
+    try:
+        dt = DeltaTable(uri, storage_options=opts)
+    except TableNotFoundError:
         if not create:
             return None
         name = uri.rstrip("/").rsplit("/", 1)[-1]
         try:
             DeltaTable.create(uri, schema=delta_schema(name), mode="ignore", storage_options=opts)
-        except Exception:  # a concurrent writer created it first
-            if not DeltaTable.is_deltatable(uri, storage_options=opts):
-                raise
-    dt = DeltaTable(uri, storage_options=opts)
+        except Exception:  # a concurrent writer created it first; the load below says if not
+            pass
+        dt = DeltaTable(uri, storage_options=opts)
     _TABLE_CACHE[uri] = dt
     return dt
 

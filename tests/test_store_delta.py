@@ -1,0 +1,162 @@
+"""The Delta Lake store (issue 15): exactly-once commits with app transactions, visibility through the
+authoritative ``shards`` table, readers from other tools, S3 concurrency, and migration of a JSON-ledger
+root written by the previous store (``tests/legacy_store_v1.py`` is that code, frozen)."""
+import importlib.util
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from mining import store
+from mining.store import (ShardOutput, commit_record, committed_shards, make_image_id, make_patch_id, open_errors,
+                          open_images, open_patches, read_ledger, shard_states, table_uri, write_shard)
+
+HERE = Path(__file__).resolve().parent
+
+
+def _out(mod, shard, n=3, dim=8, seed=0, date="2026-11-20"):
+    rng = np.random.default_rng(seed)
+    o = mod.ShardOutput(shard=shard, date=date, run_id="r1", model="m/x", dim=dim)
+    iid = mod.make_image_id(f"{shard}#f0.jpg")
+    for i in range(n):
+        box = (10 * i, 0, 10 * i + 50, 50)
+        o.patches.append(dict(patch_id=mod.make_patch_id(iid, box, 2), image_id=iid, image_uri=f"{shard}#f0.jpg",
+                              shard=shard, date=o.date, x0=box[0], y0=box[1], x1=box[2], y1=box[3], level=2,
+                              score=0.5, model=o.model, run_id="r1"))
+    e = rng.normal(size=(n, dim)).astype(np.float32)
+    o.embeddings.append(e / np.linalg.norm(e, axis=1, keepdims=True))
+    o.images.append(dict(image_id=iid, image_uri=f"{shard}#f0.jpg", shard=shard, date=o.date, width=100, height=50,
+                         num_patches=n, status="ok", reason="", metadata="{}", run_id="r1"))
+    o.add_error(f"{shard}#f1.jpg", "decode", "empty file (0 bytes)")
+    return o
+
+
+def _legacy():
+    spec = importlib.util.spec_from_file_location("legacy_store_v1", HERE / "legacy_store_v1.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_retried_and_duplicate_commits_are_noops(tmp_path):
+    root = str(tmp_path)
+    o = _out(store, "s3://bk/night/a.tar")
+    rec = write_shard(root, o, commit=False)     # data committed to the three tables, shard not yet
+    assert committed_shards(root) == set()
+    with pytest.raises(FileNotFoundError):
+        open_patches(root)                        # invisible until the shards row lands
+    rec2 = write_shard(root, o)                  # the rerun: data commits are no-ops, shard commit lands
+    assert rec2["files"]["patches"] == rec["files"]["patches"]
+    assert commit_record(root, rec2) is False    # a duplicated commit is a no-op
+    assert open_patches(root).count_rows() == 3 and open_images(root).count_rows() == 1
+    assert open_errors(root).count_rows() == 1
+    from deltalake import DeltaTable
+
+    for t in ("patches", "images", "errors", "shards"):
+        dt = DeltaTable(table_uri(root, t))
+        assert dt.transaction_version("shard:" + rec["shard_key"]) == 1
+        assert len(dt.file_uris()) == 1, t        # exactly one data file per table: no duplicate rows
+    assert [r["status"] for r in read_ledger(root)] == ["committed"]
+
+
+def test_partial_then_new_generation_replaces_rows(tmp_path):
+    root = str(tmp_path)
+    write_shard(root, _out(store, "s3://bk/a.tar", n=2), status="partial", fingerprint="10:e1")
+    st = shard_states(root).to_pylist()
+    assert [(r["status"], r["gen"], r["fingerprint"]) for r in st] == [("partial", 1, "10:e1")]
+    assert open_patches(root).count_rows() == 2
+    write_shard(root, _out(store, "s3://bk/a.tar", n=5), gen=2, fingerprint="20:e2")
+    assert [(r["status"], r["gen"]) for r in shard_states(root).to_pylist()] == [("committed", 2)]
+    assert open_patches(root).count_rows() == 5
+    from deltalake import DeltaTable
+
+    assert DeltaTable(table_uri(root, "patches")).to_pyarrow_dataset().count_rows() == 5   # gen 1 removed
+
+
+def test_store_readable_by_pyarrow_pandas_duckdb_polars(tmp_path):
+    import duckdb
+    import polars as pl
+    from deltalake import DeltaTable
+
+    root = str(tmp_path)
+    for i, n in enumerate((3, 4, 5)):
+        write_shard(root, _out(store, f"s3://bk/s{i}.tar", n=n, seed=i))
+    committed = {r["shard"]: r["num_patches"] for r in read_ledger(root)}
+    assert sum(committed.values()) == 12
+    patches = DeltaTable(table_uri(root, "patches")).to_pyarrow_dataset()
+    shards = DeltaTable(table_uri(root, "shards")).to_pyarrow_dataset()
+    assert patches.count_rows() == 12                                                    # pyarrow
+    pdf = DeltaTable(table_uri(root, "patches")).to_pandas(columns=["shard", "patch_id"])  # pandas
+    assert pdf.groupby("shard").size().to_dict() == committed
+    got = duckdb.execute("SELECT shard, count(*) FROM patches WHERE shard IN "           # DuckDB over Arrow
+                         "(SELECT shard FROM shards WHERE status IN ('committed', 'partial')) GROUP BY shard").fetchall()
+    assert dict(got) == committed
+    assert pl.read_delta(table_uri(root, "patches")).height == 12                       # Polars
+    assert pl.read_delta(table_uri(root, "images")).height == 3
+    assert open_patches(root).count_rows() == 12
+    del patches, shards
+
+
+def _commit_many(args):
+    root, env, lo, hi, dup = args
+    os.environ.update(env)
+    from mining import store as st
+
+    for i in list(range(lo, hi)) + dup:    # dup: shards another process commits too, at the same time
+        o = st.ShardOutput(shard=f"s3://in/s{i:04d}.tar", date="2026-11-20", run_id=f"p{lo}", model="m", dim=4)
+        rec = {"shard": o.shard, "shard_key": st.shard_key(o.shard), "date": o.date, "gen": 1, "status": "committed",
+               "run_id": o.run_id, "model": "m", "embedding_dim": 4, "num_images": i, "num_patches": 0,
+               "num_errors": 0, "files": {}}
+        st.commit_record(root, rec)
+    return dict(st.COMMIT_STATS)
+
+
+@pytest.mark.s3
+def test_concurrent_commits_on_s3_lose_and_duplicate_nothing(s3_server):
+    """4 processes commit 15 shards each to one table on the local S3 server (conditional PUTs, no lock),
+    each also re-committing 5 shards of its neighbour: every shard exactly once."""
+    bucket = s3_server.make_bucket()
+    root = f"s3://{bucket}/store"
+    n, per = 4, 15
+    jobs = [(root, s3_server.env, k * per, (k + 1) * per, list(range(((k + 1) % n) * per, ((k + 1) % n) * per + 5)))
+            for k in range(n)]
+    with mp.get_context("spawn").Pool(n) as pool:
+        stats = pool.map(_commit_many, jobs)
+    from deltalake import DeltaTable
+
+    t = DeltaTable(table_uri(root, "shards"), storage_options=store.delta_storage_options(root)).to_pyarrow_table()
+    shards = t.column("shard").to_pylist()
+    assert len(shards) == n * per and len(set(shards)) == n * per              # row by row: none lost, none twice
+    assert sorted(shards) == [f"s3://in/s{i:04d}.tar" for i in range(n * per)]
+    assert all(int(s[-8:-4]) == v for s, v in zip(shards, t.column("num_images").to_pylist()))
+    assert sum(s["noops"] for s in stats) >= 1 and sum(s["commits"] for s in stats) == n * per
+    assert committed_shards(root) == set(shards)
+
+
+def test_migrate_a_json_ledger_root(tmp_path):
+    legacy = _legacy()
+    root = tmp_path / "old"
+    for i, n in enumerate((3, 4)):
+        legacy.write_shard(str(root), _out(legacy, f"s3://bk/s{i}.tar", n=n, seed=i, date=f"2026-11-2{i}"))
+    legacy.write_shard(str(root), _out(legacy, "s3://bk/bad.tar", n=0), status="failed")
+    before = legacy.open_patches(str(root)).to_table().sort_by("patch_id")
+    assert (root / "ledger").is_dir() and len(legacy.read_ledger(str(root))) == 2
+
+    cp = run_cli(["jobs.migrate_store", "--root", str(root)])
+    assert "migrated 3 shards (2 committed, 1 failed): 7 patches" in cp.stdout, cp.stdout
+    after = open_patches(str(root)).to_table().sort_by("patch_id")
+    assert after.schema.remove_metadata().equals(before.schema.remove_metadata())
+    assert after.drop_columns(["embedding"]).equals(before.drop_columns(["embedding"]))
+    np.testing.assert_array_equal(store.embeddings_from_arrow(after.column("embedding")),
+                                  store.embeddings_from_arrow(before.column("embedding")))
+    assert {r["shard"] for r in read_ledger(str(root))} == {"s3://bk/s0.tar", "s3://bk/s1.tar"}
+    assert {r["status"] for r in read_ledger(str(root), statuses=None)} == {"committed", "failed"}
+    assert open_errors(str(root)).count_rows() == 3 and open_images(str(root)).count_rows() == 2
+    assert not (root / "ledger").exists() and (root / "ledger-migrated").is_dir()
+    assert not list(root.glob("patches/date=*"))                   # old parts gone
+    cp = run_cli(["jobs.migrate_store", "--root", str(root)], check=False)
+    assert cp.returncode == 2 and "nothing to migrate" in cp.stderr
+    _ = (ShardOutput, make_image_id, make_patch_id)
