@@ -4,6 +4,7 @@ root written by the previous store (``tests/legacy_store_v1.py`` is that code, f
 import importlib.util
 import multiprocessing as mp
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ def _out(mod, shard, n=3, dim=8, seed=0, date="2026-11-20"):
 def _legacy():
     spec = importlib.util.spec_from_file_location("legacy_store_v1", HERE / "legacy_store_v1.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["legacy_store_v1"] = mod      # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
