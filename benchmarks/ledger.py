@@ -1,20 +1,35 @@
-"""Ledger overhead per shard (issue 9).
+"""The store's commit protocol at scale (issue 15): the Delta Lake store next to the old JSON ledger.
 
-    python benchmarks/ledger.py [--shards 200] [--patches-per-shard 3500] [--s3]
+    python benchmarks/ledger.py [--sizes 1000,10000,100000] [--s3-sizes 1000,10000] [--json-s3-sizes 1000]
+                                [--commits 20] [--procs 8 --conc-shards 1000]
 
-For each shard, side by side in one run: (a) write its three Parquet parts only,
-(b) commit its ledger record (the atomic JSON write that makes the shard visible).
-Also times the reader side: listing + parsing all ledger records (what a nightly run
-and every index build do once). ``--s3`` repeats everything against a local
-S3-compatible server (moto, started here on 127.0.0.1).
+For each backend (local disk; the moto S3 server on 127.0.0.1, started here) and each size N:
 
-Prints medians; the last line is JSON with commit_ms_per_shard, parts_ms_per_shard,
-overhead_ratio, read_ledger_ms (for all shards), per storage backend.
+- **state**: a store with N committed shards. Committing N shards one by one would take hours here,
+  so the state is built in bulk: commits of 1,000 shards each, every commit carrying the 1,000 app
+  transactions (``txn``) and, in the data tables, 1,000 add actions (for data files that are not
+  written: the table state is what a commit or a lookup reads). Delta-rs writes its checkpoints
+  (every 100 versions) as usual; the ``shards`` table is compacted as a mining run does at its end.
+- **commit cost per shard**: ``--commits`` real shard commits (``write_shard``: 100 patches, 512-d,
+  3 data files + 4 Delta commits) on top of that state; the time inside the Delta commits
+  (``commit_s_per_shard``) and the whole shard write (``write_s_per_shard``), medians.
+- **lookup**: "which shards are committed" (``committed_shards``) from a cold process state
+  (table cache cleared), median of 5 (3 on S3).
+- **JSON ledger** (the old protocol, ``mining.migrate``): N records, commit = one record PUT, lookup =
+  list + read + parse all records.
+- **concurrency** (S3): ``--procs`` processes commit ``--conc-shards`` shards at once to the ``shards``
+  table, each also re-committing 20 shards of its neighbour at the same time; then every row is
+  checked: each shard exactly once, with the values its owner wrote. Retries are reported.
+
+The last line is one JSON object: lookup_s_<N>, commit_s_per_shard_<N>, write_s_per_shard_<N>,
+json_lookup_s_<N>, json_commit_s_<N> (local), the same under "s3", and "concurrency".
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import multiprocessing as mp
 import os
 import shutil
 import socket
@@ -25,15 +40,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mining.store import ShardOutput, commit_record, make_image_id, make_patch_id, read_ledger, write_shard  # noqa: E402
+from mining import store  # noqa: E402
+from mining.migrate import read_json_ledger, write_json_record  # noqa: E402
+from mining.store import ShardOutput, make_image_id, make_patch_id, shard_key  # noqa: E402
+
+BATCH = 1000
+DATE = "2026-11-20"
 
 
-def fake_shard(i: int, n_patches: int, dim: int = 512) -> ShardOutput:
-    rng = np.random.default_rng(i)
-    o = ShardOutput(shard=f"s3://fleet/night/shard-{i:06d}.tar", date="2026-11-20", run_id="bench", model="ViT-B-16/openai", dim=dim)
+def _label(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def fake_shard(i: int, n_patches: int = 100, dim: int = 512) -> ShardOutput:
+    o = ShardOutput(shard=f"s3://fleet/night/shard-{i:07d}.tar", date=DATE, run_id="bench", model="ViT-B-16/openai", dim=dim)
     per_img = 35
     for j in range(n_patches):
         uri = f"{o.shard}#f{j // per_img:05d}.jpg"
@@ -41,7 +65,7 @@ def fake_shard(i: int, n_patches: int, dim: int = 512) -> ShardOutput:
         b = (j % 50, j % 30, j % 50 + 224, j % 30 + 224)
         o.patches.append(dict(patch_id=make_patch_id(iid, b, 2), image_id=iid, image_uri=uri, shard=o.shard, date=o.date,
                               x0=b[0], y0=b[1], x1=b[2], y1=b[3], level=2, score=0.5, model=o.model, run_id="bench"))
-    e = rng.normal(size=(n_patches, dim)).astype(np.float32)
+    e = np.random.default_rng(i).normal(size=(n_patches, dim)).astype(np.float32)
     o.embeddings.append((e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float16))
     for f in range((n_patches + per_img - 1) // per_img):
         uri = f"{o.shard}#f{f:05d}.jpg"
@@ -50,70 +74,227 @@ def fake_shard(i: int, n_patches: int, dim: int = 512) -> ShardOutput:
     return o
 
 
-def bench(root: str, shards: int, n_patches: int) -> dict:
-    parts_ms, commit_ms = [], []
-    template = fake_shard(0, n_patches)
-    for i in range(shards):
-        o = template
-        o.shard = f"s3://fleet/night/shard-{i:06d}.tar"
-        t0 = time.perf_counter()
-        rec = write_shard(root, o, commit=False)
-        t1 = time.perf_counter()
-        commit_record(root, rec)
-        t2 = time.perf_counter()
-        parts_ms.append((t1 - t0) * 1e3)
-        commit_ms.append((t2 - t1) * 1e3)
-    reads = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        recs = read_ledger(root)
-        reads.append((time.perf_counter() - t0) * 1e3)
-    assert len(recs) == shards
-    p, c = statistics.median(parts_ms), statistics.median(commit_ms)
-    return {"shards": shards, "patches_per_shard": n_patches, "parts_ms_per_shard": round(p, 2),
-            "commit_ms_per_shard": round(c, 2), "overhead_ratio": round(c / p, 4),
-            "read_ledger_ms": round(statistics.median(reads), 1),
-            "read_ledger_ms_per_shard": round(statistics.median(reads) / shards, 3)}
+def _record(i: int, status: str = "committed", run_id: str = "bench") -> dict:
+    uri = f"s3://fleet/night/shard-{i:07d}.tar"
+    return {"schema_version": 1, "shard": uri, "shard_key": shard_key(uri), "date": DATE, "gen": 1, "status": status,
+            "run_id": run_id, "model": "ViT-B-16/openai", "embedding_dim": 512, "random_init": False, "fingerprint": "",
+            "files": {}, "bytes": 0, "num_images": 3, "num_patches": 100, "num_errors": 0,
+            "committed_at": "2026-11-20T00:00:00+00:00"}
+
+
+def bulk_state(root: str, lo: int, hi: int) -> None:
+    """Commit shards lo..hi-1 in commits of BATCH shards (each with its BATCH app transactions)."""
+    from deltalake import CommitProperties, Transaction, write_deltalake
+    from deltalake.transaction import AddAction
+
+    opts = store.delta_storage_options(root)
+    now = int(time.time() * 1000)
+    for a in range(lo, hi, BATCH):
+        ids = range(a, min(hi, a + BATCH))
+        recs = [_record(i) for i in ids]
+        txns = [Transaction(store.app_id(r["shard_key"]), 1) for r in recs]
+        for table in ("patches", "images", "errors"):
+            dt = store._load(store.table_uri(root, table), opts, create=True)
+            adds = [AddAction(f"{DATE}/{r['shard_key']}-g1-bulk.parquet", 1000, {}, now, True,
+                              json.dumps({"numRecords": 100})) for r in recs]
+            dt.create_write_transaction(adds, "append", store.delta_schema(table),
+                                        commit_properties=CommitProperties(app_transactions=txns))
+        rows = [{k: r.get(k) for k in store.SHARDS_SCHEMA.names if k != "record"} | {"record": json.dumps(r)} for r in recs]
+        dt = store._load(store.table_uri(root, store.SHARDS_TABLE), opts, create=True)
+        write_deltalake(dt, pa.Table.from_pylist(rows, schema=store.SHARDS_SCHEMA), mode="append",
+                        commit_properties=CommitProperties(app_transactions=txns))
+
+
+def bulk_json(root: str, lo: int, hi: int) -> None:
+    from mining.fs import get_fs, join
+
+    fs, base = get_fs(join(root, "ledger"))
+    if "://" not in root:
+        os.makedirs(base, exist_ok=True)
+        for i in range(lo, hi):
+            r = _record(i)
+            with open(f"{base}/{r['shard_key']}.json", "w") as f:
+                json.dump(r, f)
+    else:
+        fs.pipe({f"{base}/{_record(i)['shard_key']}.json": json.dumps(_record(i)).encode() for i in range(lo, hi)})
+
+
+def timed_commits(root: str, start: int, n: int) -> tuple[float, float]:
+    """Median (Delta commit seconds, whole write_shard seconds) over n real shard commits."""
+    inner = store._commit_once
+    spent = [0.0]
+
+    def wrapped(*a, **k):
+        t = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    store._commit_once = wrapped
+    try:
+        commit_s, write_s = [], []
+        template = fake_shard(0)
+        for i in range(start, start + n):
+            template.shard = f"s3://fleet/night/shard-{i:07d}.tar"
+            spent[0] = 0.0
+            t = time.perf_counter()
+            store.write_shard(root, template)
+            write_s.append(time.perf_counter() - t)
+            commit_s.append(spent[0])
+    finally:
+        store._commit_once = inner
+    return statistics.median(commit_s), statistics.median(write_s)
+
+
+def lookup(root: str, expect: int, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        store._TABLE_CACHE.clear()
+        t = time.perf_counter()
+        n = len(store.committed_shards(root))
+        ts.append(time.perf_counter() - t)
+        assert n == expect, (n, expect)
+    return statistics.median(ts)
+
+
+def json_costs(root: str, sizes: list[int], reps: int) -> dict:
+    out, have, extra = {}, 0, 0
+    for n in sizes:
+        bulk_json(root, have, n)
+        have = n
+        ts = []
+        for _ in range(reps if n <= 10_000 else 1):
+            t = time.perf_counter()
+            got = {r["shard"] for r in read_json_ledger(root)}
+            ts.append(time.perf_counter() - t)
+        assert len(got) == n + extra
+        cs = []
+        for j in range(10):
+            r = _record(10_000_000 + n + j)
+            t = time.perf_counter()
+            write_json_record(root, r)
+            cs.append(time.perf_counter() - t)
+        extra += 10
+        out[f"json_lookup_s_{_label(n)}"] = round(statistics.median(ts), 4)
+        out[f"json_commit_s_{_label(n)}"] = round(statistics.median(cs), 5)
+        print(f"  json ledger {n:>7}: lookup {statistics.median(ts):.3f} s, commit {1e3 * statistics.median(cs):.2f} ms",
+              flush=True)
+    return out
+
+
+def delta_costs(root: str, sizes: list[int], commits: int, reps: int) -> dict:
+    out, have, extra = {}, 0, 0
+    for n in sizes:
+        t = time.perf_counter()
+        bulk_state(root, have, n)
+        store.compact_shards_table(root)
+        build = time.perf_counter() - t
+        have = n
+        lk = lookup(root, n + extra, reps)
+        c, w = timed_commits(root, 5_000_000 + n, commits)
+        extra += commits
+        out[f"lookup_s_{_label(n)}"] = round(lk, 4)
+        out[f"commit_s_per_shard_{_label(n)}"] = round(c, 4)
+        out[f"write_s_per_shard_{_label(n)}"] = round(w, 4)
+        out[f"build_s_{_label(n)}"] = round(build, 1)
+        print(f"  delta {n:>7}: lookup {lk:.3f} s, commit {1e3 * c:.1f} ms/shard (4 Delta commits), "
+              f"whole shard write {1e3 * w:.1f} ms, state built in {build:.1f} s", flush=True)
+    return out
+
+
+def _conc_worker(args):
+    root, env, own, dup = args
+    os.environ.update(env)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    from mining import store as st
+
+    for i in own + dup:
+        st.commit_record(root, _record(i, run_id=f"p{own[0]}"))
+    return dict(st.COMMIT_STATS)
+
+
+def concurrency(root: str, env: dict, procs: int, shards: int) -> dict:
+    per = shards // procs
+    jobs = []
+    for k in range(procs):
+        own = list(range(k * per, (k + 1) * per))
+        nb = ((k + 1) % procs) * per
+        jobs.append((root, env, own, list(range(nb, nb + min(20, per)))))
+    t = time.perf_counter()
+    with mp.get_context("spawn").Pool(procs) as pool:
+        stats = pool.map(_conc_worker, jobs)
+    wall = time.perf_counter() - t
+    from deltalake import DeltaTable
+
+    tab = DeltaTable(store.table_uri(root, store.SHARDS_TABLE), storage_options=store.delta_storage_options(root)).to_pyarrow_table()
+    got = tab.column("shard").to_pylist()
+    want = [_record(i)["shard"] for i in range(per * procs)]
+    lost = sorted(set(want) - set(got))
+    dups = len(got) - len(set(got))
+    res = {"procs": procs, "shards": per * procs, "duplicate_commit_attempts": sum(len(j[3]) for j in jobs),
+           "rows": len(got), "lost": len(lost), "duplicated": dups,
+           "commits": sum(s["commits"] for s in stats), "noops": sum(s["noops"] for s in stats),
+           "retries": sum(s["retries"] for s in stats), "wall_s": round(wall, 1),
+           "table_version": DeltaTable(store.table_uri(root, store.SHARDS_TABLE),
+                                       storage_options=store.delta_storage_options(root)).version()}
+    print(f"  concurrency: {res}", flush=True)
+    return res
+
+
+def start_moto() -> tuple[object, dict]:
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    os.environ.update(env)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    return server, env
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shards", type=int, default=200)
-    ap.add_argument("--patches-per-shard", type=int, default=3500, help="~100 frames x 35 patches")
-    ap.add_argument("--s3", action="store_true", help="also measure against a local moto S3 server")
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    ap.add_argument("--sizes", type=ints, default=[1000, 10000, 100000])
+    ap.add_argument("--s3-sizes", type=ints, default=[1000, 10000])
+    ap.add_argument("--json-s3-sizes", type=ints, default=[1000])
+    ap.add_argument("--commits", type=int, default=20)
+    ap.add_argument("--procs", type=int, default=8)
+    ap.add_argument("--conc-shards", type=int, default=1000)
     args = ap.parse_args(argv)
-    results = {}
-    tmp = tempfile.mkdtemp(prefix="ledger-bench-")
+    res: dict = {}
+    tmp = tempfile.mkdtemp(prefix="store-bench-")
     try:
-        results["local"] = bench(tmp, args.shards, args.patches_per_shard)
+        print("local disk", flush=True)
+        res.update(delta_costs(os.path.join(tmp, "delta"), args.sizes, args.commits, 5))
+        res.update(json_costs(os.path.join(tmp, "json"), args.sizes, 3))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if args.s3:
-        from moto.server import ThreadedMotoServer
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        os.environ.update({"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
-                           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"})
-        import logging
-
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    if args.s3_sizes or args.procs:
+        server, env = start_moto()
         from mining.fs import get_fs
 
-        fs, _ = get_fs("s3://bench")
-        fs.mkdir("bench")
+        fs, _ = get_fs("s3://bench-store")
+        for b in ("bench-store", "bench-json", "bench-conc"):
+            fs.mkdir(b)
         try:
-            results["s3-moto"] = bench("s3://bench/out", args.shards, args.patches_per_shard)
+            print("S3 (moto on 127.0.0.1)", flush=True)
+            s3 = {}
+            if args.s3_sizes:
+                s3.update(delta_costs("s3://bench-store/d", args.s3_sizes, max(5, args.commits // 2), 3))
+            if args.json_s3_sizes:
+                s3.update(json_costs("s3://bench-json/j", args.json_s3_sizes, 1))
+            res["s3"] = s3
+            if args.procs:
+                res["concurrency"] = concurrency("s3://bench-conc/c", env, args.procs, args.conc_shards)
         finally:
             server.stop()
-    print(f"{'backend':<10} {'shards':>6} {'parts ms/shard':>15} {'commit ms/shard':>16} {'commit/parts':>13} {'read ledger ms':>15}")
-    for k, r in results.items():
-        print(f"{k:<10} {r['shards']:>6} {r['parts_ms_per_shard']:>15.2f} {r['commit_ms_per_shard']:>16.2f} "
-              f"{r['overhead_ratio']:>13.4f} {r['read_ledger_ms']:>15.1f}")
-    print(json.dumps(results))
+    print(json.dumps(res))
     return 0
 
 

@@ -31,7 +31,7 @@ from mining.pipeline import MineConfig, ShardMiner, actor_env
 from mining.progress import ProgressCounter, ProgressMeter
 from mining.shards import ShardRef
 from mining.stages import STAGES
-from mining.store import ShardOutput, committed_shards, write_shard
+from mining.store import ShardOutput, compact_shards_table, publish, shard_states, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,37 @@ def _fail_record(root: str, cfg: MineConfig, ref: ShardRef, reason: str, attempt
                       dim=1, random_init=cfg.clip_random_init)
     out.add_error(ref.uri, "shard", f"gave up after {attempts} attempts: {reason}")
     out.extra = {"attempts": attempts}
-    return write_shard(root, out, status="failed")
+    return write_shard(root, out, status="failed", gen=ref.gen)
+
+
+def plan_shards(root: str, refs: list[ShardRef]) -> list[ShardRef]:
+    """The shards of ``refs`` to mine, each with the store generation its commit will carry.
+
+    From the ``shards`` table (latest generation per shard): not there -> gen 1; ``committed`` -> skipped;
+    ``failed`` -> retried as gen + 1; ``partial`` (a corrupt shard) -> retried as gen + 1 only when its
+    content fingerprint (size + ETag / mtime) changed since, else skipped.
+    """
+    import dataclasses
+
+    from mining.shards import shard_fingerprint
+
+    st = shard_states(root, columns=("shard", "gen", "status", "fingerprint")).to_pylist()
+    by = {r["shard"]: r for r in st}
+    todo = []
+    for ref in refs:
+        r = by.get(ref.uri)
+        if r is None:
+            todo.append(ref)
+        elif r["status"] == "failed":
+            todo.append(dataclasses.replace(ref, gen=int(r["gen"]) + 1))
+        elif r["status"] == "partial":
+            try:
+                fp = shard_fingerprint(ref)
+            except OSError:
+                fp = r["fingerprint"]            # cannot tell now: leave it for a later run
+            if fp != r["fingerprint"]:
+                todo.append(dataclasses.replace(ref, gen=int(r["gen"]) + 1, fingerprint=fp))
+    return todo
 
 
 def _reason(e: BaseException) -> str:
@@ -116,13 +146,13 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
                         max_attempts=max_attempts, images_per_dir_shard=images_per_dir_shard,
                         startup_timeout=startup_timeout)
     refs = shards if shards is not None else list_input(input_spec, images_per_dir_shard)
-    done = committed_shards(output_root)
-    todo = [r for r in refs if r.uri not in done]
+    todo = plan_shards(output_root, refs)
     summary: dict[str, Any] = {"run_id": cfg.run_id, "date": cfg.date, "output": output_root,
                                "shards_total": len(refs), "shards_skipped": len(refs) - len(todo),
                                "shards_mined": 0, "shards_failed": 0, "images": 0, "patches": 0, "errors": 0,
                                "stage_s": dict.fromkeys(STAGES, 0.0), "failed": [], "attempts": {}}
     if not todo:
+        summary["published"] = publish(output_root)
         summary.update(wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0, patches_per_s=0.0)
         return summary
     epitome_env, how = _resolve_epitome(cfg, output_root, todo, progress)
@@ -148,6 +178,8 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
     finally:
         for a in actors + ([counter] if counter is not None else []):
             ray.kill(a, no_restart=True)
+    summary["published"] = publish(output_root)     # the data tables' Delta logs catch up (batched commits)
+    compact_shards_table(output_root)
     wall = time.perf_counter() - t0
     summary["stage_s"] = {k: round(v, 3) for k, v in summary["stage_s"].items()}
     summary.update(wall_s=round(wall, 3), images_per_s=round(summary["images"] / wall, 3),

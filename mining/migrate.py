@@ -97,6 +97,9 @@ def migrate_store(root: str, *, keep_old: bool = False, log=print) -> dict:
         n["patches"] += out.num_patches
         n["images"] += len(out.images)
         n["errors"] += len(out.errors)
+    from mining.store import publish
+
+    publish(root)
     if not keep_old:
         for table in ("patches", "images", "errors"):
             for d in fs.glob(f"{base}/{table}/date=*"):

@@ -68,8 +68,12 @@ def run_nightly(input_spec: str, output_root: str, cfg: MineConfig, *, index_roo
         ``index_root``, ``reloaded``, ``nothing_to_do`` and ``epitome_refresh`` (None when not asked).
     """
     t0 = time.perf_counter()
+    from mining.validate import check_date, check_dir_path, list_input
+
+    check_date(cfg.date)            # before any work (resolved() would fill in today for None)
+    check_dir_path(output_root, "--output")
+    check_dir_path(index_root, "--index")
     cfg = cfg.resolved()
-    from mining.validate import list_input
 
     per_shard = mine_kwargs.pop("images_per_dir_shard", 64)
     refs = list_input(input_spec, per_shard)

@@ -253,6 +253,9 @@ class ShardMiner:
         cfg = self.cfg
         t_start = time.perf_counter()
         timer = StageTimer(STAGES)
+        from mining.shards import shard_fingerprint
+
+        fingerprint = shard_fingerprint(ref)   # before reading: a replaced object is re-mined next time
         out = ShardOutput(shard=ref.uri, date=cfg.date, run_id=cfg.run_id, model=self.embedder.model_id,
                           dim=self.embedder.dim, random_init=cfg.clip_random_init)
         writer = PatchWriter(out, timer, threaded=self.writer_thread)
@@ -280,10 +283,10 @@ class ShardMiner:
         finally:
             writer.close()                                   # write: the last column blocks
         if source.read_error is not None:
-            e = source.read_error
-            out.add_error(ref.uri, "read", f"shard read failed after {len(out.images)} frames: {type(e).__name__}: {e}")
-            if not out.images:
-                raise e
+            # transient (S3 5xx after retries, a timeout, a reset connection): fail the attempt, never
+            # commit a partly read shard; the driver retries it (a corrupt tar is no exception: its
+            # records carry ``corrupt`` and the shard is committed "partial", see below)
+            raise source.read_error
         t0 = time.perf_counter()
         import resource
 
@@ -293,7 +296,8 @@ class ShardMiner:
                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                      "forward_s": round(self.embedder.pop_forward_seconds(), 4),  # model forward inside "embed"
                      "wait_s": round(timer.get("wait"), 4), "frames": n_frames}
-        record = write_shard(root, out, commit=False)
+        record = write_shard(root, out, commit=False, gen=ref.gen, fingerprint=fingerprint,
+                             status="partial" if out.status == "partial" else "committed")
         timer.add("write", time.perf_counter() - t0)
         host_s = sum(timer.get(k) for k in HOST_STAGES)
         record.update(stage_s=timer.stage_s(), host_s=round(host_s, 4),
@@ -310,6 +314,8 @@ class ShardMiner:
         ok = []
         for f in frames:
             rec = f.rec
+            if getattr(rec, "corrupt", False):
+                out.status = "partial"
             if rec.sidecar_error:
                 out.add_error(rec.image_uri, "sidecar", rec.sidecar_error)
             w, h = f.size

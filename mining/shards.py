@@ -41,6 +41,8 @@ class ShardRef:
     uri: str
     kind: str  # "tar" | "parquet" | "dir"
     members: tuple[str, ...] = ()
+    gen: int = 1            # the store generation this attempt commits (see mining.store)
+    fingerprint: str = ""   # content fingerprint when planned (size + ETag/mtime, :func:`shard_fingerprint`)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Record:
     metadata: dict = field(default_factory=dict)
     error: tuple[str, str] | None = None
     sidecar_error: str | None = None
+    corrupt: bool = False   # the shard itself is broken here (truncated / corrupt tar): it is committed "partial"
 
 
 def _kind_of(path: str) -> str | None:
@@ -151,7 +154,8 @@ def _wds_key(name: str) -> tuple[str, str]:
     return (posixpath.join(d, stem) if d else stem), ext.lower()
 
 
-def _finish_sample(shard: str, key: str, parts: dict[str, bytes], bad: dict[str, str]) -> Iterator[Record]:
+def _finish_sample(shard: str, key: str, parts: dict[str, bytes], bad: dict[str, str],
+                   corrupt: bool = False) -> Iterator[Record]:
     imgs = [e for e in parts if ("." + e.rsplit(".", 1)[-1]) in IMAGE_EXTS]
     meta, side_err = {}, None
     if "json" in parts:
@@ -165,12 +169,12 @@ def _finish_sample(shard: str, key: str, parts: dict[str, bytes], bad: dict[str,
         side_err = bad["json"]
     if not imgs:
         if bad:
-            yield Record(image_uri=f"{shard}#{key}", key=key, error=("read", "; ".join(bad.values())))
+            yield Record(image_uri=f"{shard}#{key}", key=key, error=("read", "; ".join(bad.values())), corrupt=corrupt)
         return
     for ext in sorted(imgs):
         name = f"{key}.{ext}"
         if ext in bad:
-            yield Record(image_uri=f"{shard}#{name}", key=name, error=("read", bad[ext]), metadata=meta)
+            yield Record(image_uri=f"{shard}#{name}", key=name, error=("read", bad[ext]), metadata=meta, corrupt=corrupt)
             continue
         yield Record(image_uri=f"{shard}#{name}", key=name, data=parts[ext], metadata=meta, sidecar_error=side_err)
 
@@ -178,7 +182,7 @@ def _finish_sample(shard: str, key: str, parts: dict[str, bytes], bad: dict[str,
 def iter_tar(shard: str) -> Iterator[Record]:
     """Stream a WebDataset tar shard sample by sample (bounded memory)."""
     fs, path = get_fs(shard)
-    key, parts, bad = None, {}, {}
+    key, parts, bad, corrupt = None, {}, {}, False
     try:
         with fs.open(path, "rb", block_size=8 * 2**20) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
             for m in tf:
@@ -186,25 +190,31 @@ def iter_tar(shard: str) -> Iterator[Record]:
                     continue
                 k, ext = _wds_key(m.name)
                 if key is not None and k != key:
-                    yield from _finish_sample(shard, key, parts, bad)
-                    parts, bad = {}, {}
+                    yield from _finish_sample(shard, key, parts, bad, corrupt)
+                    parts, bad, corrupt = {}, {}, False
                 key = k
                 try:
                     fh = tf.extractfile(m)
                     data = fh.read() if fh is not None else b""
                     if len(data) != m.size:
                         bad[ext] = f"tar member {m.name} truncated ({len(data)} of {m.size} bytes)"
+                        corrupt = True
                     parts[ext] = data
-                except (tarfile.TarError, OSError, EOFError) as e:
+                except (tarfile.TarError, EOFError) as e:
                     bad[ext] = f"corrupt tar member {m.name}: {type(e).__name__}: {e}"
                     parts[ext] = b""
-    except (tarfile.TarError, OSError, EOFError) as e:
+                    corrupt = True
+    except (tarfile.TarError, EOFError) as e:
+        # the tar itself is broken (truncated, garbage): what was read is kept, the shard is "partial".
+        # An OSError (S3 5xx after retries, a timeout, a reset connection) is transient: it propagates and
+        # fails this attempt, which the driver retries.
         if key is not None:
-            yield from _finish_sample(shard, key, parts, bad)
+            yield from _finish_sample(shard, key, parts, bad, corrupt)
             key = None
-        yield Record(image_uri=f"{shard}#<tar>", key="<tar>", error=("read", f"corrupt tar stream: {type(e).__name__}: {e}"))
+        yield Record(image_uri=f"{shard}#<tar>", key="<tar>", error=("read", f"corrupt tar stream: {type(e).__name__}: {e}"),
+                     corrupt=True)
     if key is not None:
-        yield from _finish_sample(shard, key, parts, bad)
+        yield from _finish_sample(shard, key, parts, bad, corrupt)
 
 
 def iter_parquet(shard: str, *, image_column: str = "image", id_column: str = "id", batch_size: int = 8) -> Iterator[Record]:
@@ -250,6 +260,24 @@ def iter_dir(ref: ShardRef) -> Iterator[Record]:
         except (OSError, ValueError) as e:
             side_err = f"bad sidecar JSON {posixpath.basename(side)}: {e}"
         yield Record(image_uri=uri, key=name, data=data, metadata=meta, sidecar_error=side_err)
+
+
+def shard_fingerprint(ref: ShardRef) -> str:
+    """Content fingerprint of a shard: ``<size>:<ETag or mtime>`` of its file (for a ``dir`` shard, a
+    hash over its members'). Changes when the object is replaced (e.g. a truncated tar by the full one).
+
+    Raises:
+        OSError / FileNotFoundError from the filesystem.
+    """
+    def one(uri: str) -> str:
+        fs, path = get_fs(uri)
+        info = fs.info(path)
+        tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+        return f"{info.get('size', 0)}:{str(tag).strip(chr(34))}"
+
+    if ref.kind == "dir":
+        return hashlib.blake2b("\n".join(one(u) for u in ref.members).encode(), digest_size=8).hexdigest()
+    return one(ref.uri)
 
 
 def iter_shard(ref: ShardRef, **kw) -> Iterator[Record]:

@@ -7,26 +7,34 @@ Layout on a local directory or ``s3://bucket/prefix``::
     <root>/errors/    Delta table, one row per failure
     <root>/shards/    Delta table, one row per shard commit: the authoritative table (:data:`SHARDS_SCHEMA`)
 
-Commit protocol of one shard (``key`` = :func:`shard_key`, ``gen`` = 1, +1 each re-mine of a partial or
+Commit protocol of one shard (``key`` = :func:`shard_key`; ``gen`` = 1, +1 each re-mine of a partial or
 failed shard):
 
-1. for each of ``patches``, ``images``, ``errors``: write the shard's Parquet file (name
-   ``<key>-g<gen>-<attempt>``, unreferenced so far), then commit it in one Delta transaction that
-   carries the application transaction ``txn(appId="shard:<key>", version=gen)`` (for gen > 1 the
-   same commit removes the shard's earlier-generation files). Before committing, the writer reads
-   ``transaction_version("shard:<key>")``: if it is already >= gen the commit is skipped (a retry whose
-   earlier attempt got that far). Two concurrent commits of the same app id conflict in delta-rs'
-   conflict checker ("Concurrent transaction failed"); the loser refreshes and finds it done.
-2. append the shard's row (with its full commit record as JSON) to ``shards`` with the same
-   app transaction: this single commit is the commit point.
+1. the actor writes the shard's three Parquet files into the table directories, named
+   ``<date>/<key>-g<gen>-<attempt>.parquet`` (a fresh ``attempt`` id per try, so a retry never
+   overwrites a file someone may be reading). Nothing references them yet.
+2. it appends the shard's row (its full commit record as JSON, naming the three files) to ``shards``
+   in one Delta transaction carrying the application transaction ``txn(appId="shard:<key>",
+   version=gen)``. This single commit is the commit point. Before committing, the writer reads
+   ``transaction_version("shard:<key>")``: if it is already >= gen, the commit is a no-op (a retried
+   or duplicated commit). Two concurrent commits of the same app id conflict in delta-rs' conflict
+   checker ("Concurrent transaction failed"); the loser refreshes, finds it done, and is a no-op too.
+3. :func:`publish` (the driver, after each run; idempotent, any time) adds the files of committed
+   shards to the ``patches`` / ``images`` / ``errors`` Delta logs in batched commits that carry the
+   same app transactions (and remove a re-mined shard's earlier-generation files in the same commit),
+   so plain Delta readers see them too.
 
-Readers (:func:`open_patches`, :func:`open_images`, :func:`open_errors`, the index build, the query
-metadata, status) first read ``shards`` (latest gen per shard) and then only the data files whose
-``<key>-g<gen>`` tag belongs to a committed row: a shard is seen in all three tables or in none. A run
-killed between step 1 and 2 leaves data committed in a data table but invisible to these readers; the
-rerun's step 1 is a no-op (txn already there) and step 2 makes it visible. A plain Delta reader
-(``DeltaTable(root + "/patches")``) sees committed data files, so it can show such a shard before its
-``shards`` row lands; join on ``shards`` (the README shows how) for the exact view.
+Readers of this module (:func:`open_patches`, :func:`open_images`, :func:`open_errors`, the index build,
+query metadata, status) read ``shards`` only (latest gen per shard) and open exactly the files its rows
+name: a shard is seen in all three tables or in none, and a run killed between 1 and 2 leaves only
+unreferenced files (the rerun writes new ones; ``DeltaTable.vacuum`` removes the old). Plain Delta
+readers of ``<root>/patches`` see what was published; join with ``shards`` for the exact committed set
+(the README shows it).
+
+Why one authoritative commit, not four: a shard commit touches one Delta log, whose snapshot is small
+(the ``shards`` table is compacted after each run); committing each shard to the data tables, whose
+snapshots hold one file per shard, cost O(files) per commit in delta-rs (measured in
+``benchmarks/ledger.py``: 44 ms/shard at 1k shards, 162 ms at 10k).
 
 Concurrency: delta-rs' S3 log store writes each ``_delta_log/<version>.json`` with a conditional PUT
 (``If-None-Match``), so concurrent writers on S3 need no lock service (checked against the moto S3
@@ -346,6 +354,7 @@ class ShardOutput:
     errors: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     blocks: list[pa.Table] = field(default_factory=list)
+    status: str = "committed"   # "partial" when the shard itself turned out corrupt while reading
 
     def add_error(self, uri: str, stage: str, reason: str) -> None:
         self.errors.append(dict(uri=uri, shard=self.shard, date=self.date, stage=stage, reason=reason, run_id=self.run_id))
@@ -564,42 +573,14 @@ def _write_data_file(root: str, table: str, data: pa.Table, date: str, key: str,
     return rel, len(blob)
 
 
-def _commit_data_file(root: str, table: str, rel: str | None, size: int, nrows: int, date: str, key: str, gen: int):
-    """Commit one shard's data file to ``table`` (append; for gen > 1 also removing the shard's files of
-    earlier generations), exactly once per (shard, gen) via the app transaction."""
-    from deltalake import CommitProperties, Transaction
-    from deltalake.transaction import AddAction, RemoveAction
-
-    uri = table_uri(root, table)
-    opts = delta_storage_options(root)
-    now = int(time.time() * 1000)
-
-    def do(dt):
-        actions = []
-        if gen > 1:   # replace the shard's earlier generation (a partial or failed one) in the same commit
-            prefix = f"{key}-g"
-            for p in dt.get_add_actions(flatten=True).column("path").to_pylist():
-                name = p.rsplit("/", 1)[-1]
-                if name.startswith(prefix) and _tag_of(p) != _file_tag(key, gen):
-                    actions.append(RemoveAction(p, True, now))
-        if rel is not None:
-            stats = json.dumps({"numRecords": nrows, "minValues": {"date": date}, "maxValues": {"date": date},
-                                "nullCount": {}})
-            actions.append(AddAction(rel, size, {}, now, True, stats))
-        dt.create_write_transaction(actions, "append", delta_schema(table),
-                                    commit_properties=CommitProperties(app_transactions=[Transaction(app_id(key), gen)]))
-
-    return _commit_once(uri, opts, key, gen, do)
-
-
 def write_shard(root: str, out: ShardOutput, *, commit: bool = True, status: str = "committed", gen: int | None = None,
                 fingerprint: str | None = None) -> dict:
-    """Write and commit a shard's rows to the ``patches``, ``images`` and ``errors`` tables, then (if
-    ``commit``) its row in the authoritative ``shards`` table (:func:`commit_record`).
+    """Write a shard's data files into the ``patches``, ``images`` and ``errors`` table directories, then
+    (if ``commit``) commit its row to the authoritative ``shards`` table (:func:`commit_record`).
 
-    Each data-table commit carries the app transaction ``(shard:<key>, gen)``: a retry of the same
-    (shard, gen) whose data commit already landed skips it (no second copy); readers only see a shard's
-    data once its ``shards`` row is committed.
+    The data files are named ``<key>-g<gen>-<attempt>.parquet`` (a fresh attempt id each time: a retry
+    never overwrites a file a reader may hold); until the ``shards`` commit nothing references them.
+    They are added to the data tables' Delta logs later, in batches, by :func:`publish`.
 
     Args:
         root: dataset root URI. out: the shard's output.
@@ -609,29 +590,18 @@ def write_shard(root: str, out: ShardOutput, *, commit: bool = True, status: str
             default ``out.extra["gen"]`` or 1. fingerprint: the shard's content fingerprint
             (size + ETag/mtime), default ``out.extra["fingerprint"]`` or "".
     Returns:
-        the commit record (dict).
+        the commit record (dict), with ``files`` ({table: path under root}), ``file_bytes`` and ``rows``.
     """
     key = shard_key(out.shard)
     gen = int(gen or out.extra.get("gen") or 1)
     fingerprint = fingerprint if fingerprint is not None else str(out.extra.get("fingerprint", ""))
     attempt = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
-    files, nbytes = {}, 0
+    files, sizes, rows = {}, {}, {}
     for name, table in (("patches", out.patch_table()), ("images", out.image_table()), ("errors", out.error_table())):
-        rel, size = (None, 0)
-        dt = _load(table_uri(root, name), delta_storage_options(root), create=False)
-        if dt is not None and (dt.transaction_version(app_id(key)) or 0) >= gen:
-            COMMIT_STATS["noops"] += 1   # an earlier attempt of this (shard, gen) committed it already
-            tag = _file_tag(key, gen)
-            done = [p for p in dt.get_add_actions(flatten=True).column("path").to_pylist() if _tag_of(p) == tag]
-            if done:
-                files[name] = f"{name}/{done[0]}"
-            continue
         if table.num_rows:
             rel, size = _write_data_file(root, name, table, out.date, key, gen, attempt, out.dim)
-            files[name] = f"{name}/{rel}"
-        nbytes += size
-        _commit_data_file(root, name, rel, size, table.num_rows, out.date, key, gen)
+            files[name], sizes[name], rows[name] = f"{name}/{rel}", size, table.num_rows
     record = {
         "schema_version": SCHEMA_VERSION,
         "shard": out.shard,
@@ -645,7 +615,9 @@ def write_shard(root: str, out: ShardOutput, *, commit: bool = True, status: str
         "random_init": bool(out.random_init),
         "fingerprint": fingerprint,
         "files": files,
-        "bytes": nbytes,
+        "file_bytes": sizes,
+        "rows": rows,
+        "bytes": sum(sizes.values()),
         "num_images": sum(1 for r in out.images if r["status"] != "error"),
         "num_patches": out.num_patches,
         "num_errors": len(out.errors),
@@ -680,6 +652,70 @@ def commit_record(root: str, record: dict) -> bool:
     return _commit_once(uri, opts, row["shard_key"], row["gen"], do)
 
 
+def publish(root: str, *, tables: Sequence[str] = TABLES, batch: int = 5000) -> dict:
+    """Add the data files of committed shards that the data tables do not list yet to the ``patches``,
+    ``images`` and ``errors`` Delta logs, so that any Delta reader sees them (idempotent; run by the
+    driver after each mining run, and by anyone at any time).
+
+    Per table and per batch of shards: one Delta commit with an add action per file, a remove action
+    for each earlier-generation file of the same shards, and the app transactions
+    ``(shard:<key>, gen)`` of those shards. Two concurrent publishes of the same shards conflict on
+    those app ids in delta-rs' conflict checker; the loser recomputes what is missing (nothing).
+    Returns:
+        {table: files added}.
+    """
+    from deltalake import CommitProperties, Transaction
+    from deltalake.exceptions import CommitFailedError
+    from deltalake.transaction import AddAction, RemoveAction
+
+    st = shard_states(root, columns=("shard_key", "gen", "record"))
+    if not st.num_rows:
+        return {}
+    recs = [json.loads(r) for r in st.column("record").to_pylist()]
+    opts = delta_storage_options(root)
+    out = {}
+    for table in tables:
+        uri = table_uri(root, table)
+        added = 0
+        for tries in range(_MAX_COMMIT_TRIES):
+            dt = _load(uri, opts, create=True)
+            listed = dt.get_add_actions(flatten=True).column("path").to_pylist()
+            have = {_tag_of(p) for p in listed}
+            todo = [r for r in recs if _file_tag(r["shard_key"], r["gen"]) not in have]
+            if not todo:
+                break
+            by_key: dict[str, list[str]] = {}
+            for p in listed:
+                by_key.setdefault(_tag_of(p).rsplit("-g", 1)[0], []).append(p)
+            now = int(time.time() * 1000)
+            try:
+                for i in range(0, len(todo), batch):
+                    part = todo[i:i + batch]
+                    actions = []
+                    for r in part:
+                        for p in by_key.get(r["shard_key"], ()):   # the shard's earlier generation
+                            actions.append(RemoveAction(p, True, now))
+                        rel = r.get("files", {}).get(table)
+                        if rel:
+                            rel = rel.split("/", 1)[1]
+                            stats = json.dumps({"numRecords": int(r.get("rows", {}).get(table, 0)),
+                                                "minValues": {"date": r["date"]}, "maxValues": {"date": r["date"]},
+                                                "nullCount": {}})
+                            actions.append(AddAction(rel, int(r.get("file_bytes", {}).get(table, 0)), {}, now, True, stats))
+                    txns = [Transaction(app_id(r["shard_key"]), int(r["gen"])) for r in part]
+                    dt.create_write_transaction(actions, "append", delta_schema(table),
+                                                commit_properties=CommitProperties(app_transactions=txns))
+                    added += sum(1 for r in part if r.get("files", {}).get(table))
+                    COMMIT_STATS["commits"] += 1
+                break
+            except CommitFailedError:
+                COMMIT_STATS["retries"] += 1
+                _TABLE_CACHE.pop(uri, None)
+                time.sleep(0.05 * (tries + 1))
+        out[table] = added
+    return out
+
+
 # --------------------------------------------------------------------------- readers
 
 def shard_states(root: str, *, columns: Sequence[str] = ("shard", "shard_key", "gen", "status", "fingerprint")) -> pa.Table:
@@ -693,15 +729,15 @@ def shard_states(root: str, *, columns: Sequence[str] = ("shard", "shard_key", "
     if dt is None:
         return SHARDS_SCHEMA.empty_table().select([c for c in columns])
     t = dt.to_pyarrow_dataset().to_table(columns=cols)
-    if t.num_rows:
-        # latest gen per shard; a duplicated (shard, gen) row (cannot happen through commit_record's app
-        # transaction, but a hand-made one could) keeps its first row
-        idx = pa.array(np.arange(t.num_rows), pa.int64())
-        t = t.append_column("_i", idx)
-        last = t.group_by("shard_key").aggregate([("gen", "max")]).rename_columns(["shard_key", "gen"])
-        t = t.join(last, ["shard_key", "gen"], join_type="inner")
-        first = t.group_by(["shard_key", "gen"]).aggregate([("_i", "min")]).rename_columns(["shard_key", "gen", "_i"])
-        t = t.join(first, ["shard_key", "gen", "_i"], join_type="inner").sort_by("_i")
+    if t.num_rows > 1:
+        # latest gen per shard: sort by (shard_key, gen desc, commit order) and keep each key's first row (a
+        # duplicated (shard, gen) row cannot come through commit_record's app transaction; it would keep one)
+        t = t.append_column("_i", pa.array(np.arange(t.num_rows), pa.int64()))
+        t = t.sort_by([("shard_key", "ascending"), ("gen", "descending"), ("_i", "ascending")])
+        k = t.column("shard_key").combine_chunks()
+        first = np.ones(t.num_rows, bool)
+        first[1:] = np.asarray(pc.not_equal(k.slice(1), k.slice(0, t.num_rows - 1)))
+        t = t.filter(pa.array(first)).sort_by("_i")
     return t.select(list(columns))
 
 
@@ -727,20 +763,23 @@ def committed_shards(root: str) -> set[str]:
 
 def _dataset(root: str, table: str, statuses: Sequence[str], schema: pa.Schema | None,
              dates: Sequence[str] | None = None) -> pads.Dataset:
-    t = shard_states(root, columns=("shard_key", "gen", "status", "date"))
+    """The ``table`` files named by the latest commit of each shard with one of ``statuses`` (the
+    ``shards`` table is the authority; the data tables' own logs may lag until :func:`publish`)."""
+    t = shard_states(root, columns=("status", "date", "record"))
     keep = pc.is_in(t.column("status"), pa.array(list(statuses), pa.string()))
     if dates is not None:
         keep = pc.and_(keep, pc.is_in(t.column("date"), pa.array(list(dates), pa.string())))
     t = t.filter(keep)
-    tags = {_file_tag(k, g) for k, g in zip(t.column("shard_key").to_pylist(), t.column("gen").to_pylist())}
-    dt = _load(table_uri(root, table), delta_storage_options(root), create=False)
-    fs, _ = get_fs(root)
-    paths = [] if dt is None else [u for u in dt.file_uris() if _tag_of(u) in tags]
+    fs, base = get_fs(root)
+    paths = []
+    for r in t.column("record").to_pylist():
+        rel = json.loads(r).get("files", {}).get(table)
+        if rel:
+            paths.append(f"{base}/{rel}")
     if not paths:
         if schema is None:
             raise FileNotFoundError(f"no committed shards under {root!r} (table {table_uri(root, SHARDS_TABLE)})")
         return pads.dataset(schema.empty_table())
-    paths = [get_fs(u)[1] for u in paths]
     return pads.dataset(paths, format="parquet", filesystem=fs, schema=schema)
 
 

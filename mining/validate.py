@@ -25,6 +25,52 @@ def check_positive(**values) -> None:
             raise SettingsError(f"--{name.replace('_', '-')} must be >= 1 (got {v})")
 
 
+def check_date(date: str | None, option: str = "--date") -> None:
+    """``date`` (None = today) is an ISO calendar date YYYY-MM-DD; it becomes a path component of the
+    store's data files, so nothing else is accepted (no ``..``, slashes, or 2026-13-45).
+
+    Raises:
+        SettingsError: one line naming the option.
+    """
+    import datetime as _dt
+    import re
+
+    if date is None:
+        return
+    ok = isinstance(date, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", date) is not None
+    if ok:
+        try:
+            _dt.date.fromisoformat(date)
+        except ValueError:
+            ok = False
+    if not ok:
+        raise SettingsError(f"{option} must be an ISO date YYYY-MM-DD (got {date!r})")
+
+
+def check_path_component(value: str, option: str) -> None:
+    """A user-supplied string used as one path component: non-empty, no separators, not . or .., no
+    control characters.
+
+    Raises:
+        SettingsError: one line naming the option.
+    """
+    if (not value or value in (".", "..") or any(c in value for c in "/\\") or any(ord(c) < 32 for c in value)):
+        raise SettingsError(f"{option} {value!r} cannot be a path component (no '/', '\\', '.', '..' or control characters)")
+
+
+def check_dir_path(root: str | None, option: str) -> None:
+    """A local output path (None: not given) must be a directory or not exist yet; s3:// prefixes pass.
+
+    Raises:
+        SettingsError: it is a file.
+    """
+    if root is None or "://" in root and not root.startswith("file://"):
+        return
+    p = os.path.abspath(os.path.expanduser(root.removeprefix("file://")))
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise SettingsError(f"{option} {root!r} is a file, not a directory")
+
+
 def check_selection(cfg) -> None:
     """Selector, preset and saliency backend names exist (``cfg``: a resolved MineConfig).
 
@@ -174,6 +220,8 @@ def check_mine_settings(cfg, output_root: str, *, num_actors=None, cpus_per_acto
     Raises:
         SettingsError / mining.embed.WeightsError: the first problem found, as one line.
     """
+    check_date(cfg.date)
+    check_path_component(cfg.run_id, "--run-id")
     check_positive(batch_size=cfg.batch_size, decode_threads=cfg.decode_threads, frame_batch=cfg.frame_batch,
                    actors=num_actors, cpus_per_actor=cpus_per_actor, max_attempts=max_attempts,
                    images_per_shard=images_per_dir_shard)

@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 from mining import store
 from mining.store import (ShardOutput, commit_record, committed_shards, make_image_id, make_patch_id, open_errors,
-                          open_images, open_patches, read_ledger, shard_states, table_uri, write_shard)
+                          open_images, open_patches, publish, read_ledger, shard_states, table_uri, write_shard)
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,37 +44,44 @@ def _legacy():
 
 
 def test_retried_and_duplicate_commits_are_noops(tmp_path):
-    root = str(tmp_path)
-    o = _out(store, "s3://bk/night/a.tar")
-    rec = write_shard(root, o, commit=False)     # data committed to the three tables, shard not yet
-    assert committed_shards(root) == set()
-    with pytest.raises(FileNotFoundError):
-        open_patches(root)                        # invisible until the shards row lands
-    rec2 = write_shard(root, o)                  # the rerun: data commits are no-ops, shard commit lands
-    assert rec2["files"]["patches"] == rec["files"]["patches"]
-    assert commit_record(root, rec2) is False    # a duplicated commit is a no-op
-    assert open_patches(root).count_rows() == 3 and open_images(root).count_rows() == 1
-    assert open_errors(root).count_rows() == 1
     from deltalake import DeltaTable
 
+    root = str(tmp_path)
+    o = _out(store, "s3://bk/night/a.tar")
+    write_shard(root, o, commit=False)           # killed between the data write and the commit
+    assert committed_shards(root) == set()
+    with pytest.raises(FileNotFoundError):
+        open_patches(root)                        # invisible: nothing references the files
+    rec2 = write_shard(root, o)                  # the rerun writes new files and commits
+    assert commit_record(root, rec2) is False    # a duplicated commit is a no-op
+    assert write_shard(root, o)["shard_key"] == rec2["shard_key"]   # a retried whole write: no-op commit
+    assert open_patches(root).count_rows() == 3 and open_images(root).count_rows() == 1
+    assert open_errors(root).count_rows() == 1
+    assert len(DeltaTable(table_uri(root, "shards")).to_pyarrow_table()) == 1
+    assert publish(root) == {"patches": 1, "images": 1, "errors": 1}
+    assert publish(root) == {"patches": 0, "images": 0, "errors": 0}          # idempotent
     for t in ("patches", "images", "errors", "shards"):
         dt = DeltaTable(table_uri(root, t))
-        assert dt.transaction_version("shard:" + rec["shard_key"]) == 1
-        assert len(dt.file_uris()) == 1, t        # exactly one data file per table: no duplicate rows
+        assert dt.transaction_version("shard:" + rec2["shard_key"]) == 1
+        if t != "shards":    # exactly the committed attempt's file: no duplicate rows for plain readers
+            assert [u.rsplit("/", 1)[-1] for u in dt.file_uris()] == [rec2["files"][t].rsplit("/", 1)[-1]], t
     assert [r["status"] for r in read_ledger(root)] == ["committed"]
 
 
 def test_partial_then_new_generation_replaces_rows(tmp_path):
+    from deltalake import DeltaTable
+
     root = str(tmp_path)
     write_shard(root, _out(store, "s3://bk/a.tar", n=2), status="partial", fingerprint="10:e1")
     st = shard_states(root).to_pylist()
     assert [(r["status"], r["gen"], r["fingerprint"]) for r in st] == [("partial", 1, "10:e1")]
     assert open_patches(root).count_rows() == 2
+    publish(root)
+    assert DeltaTable(table_uri(root, "patches")).to_pyarrow_dataset().count_rows() == 2
     write_shard(root, _out(store, "s3://bk/a.tar", n=5), gen=2, fingerprint="20:e2")
     assert [(r["status"], r["gen"]) for r in shard_states(root).to_pylist()] == [("committed", 2)]
     assert open_patches(root).count_rows() == 5
-    from deltalake import DeltaTable
-
+    publish(root)
     assert DeltaTable(table_uri(root, "patches")).to_pyarrow_dataset().count_rows() == 5   # gen 1 removed
 
 
@@ -86,6 +93,7 @@ def test_store_readable_by_pyarrow_pandas_duckdb_polars(tmp_path):
     root = str(tmp_path)
     for i, n in enumerate((3, 4, 5)):
         write_shard(root, _out(store, f"s3://bk/s{i}.tar", n=n, seed=i))
+    publish(root)
     committed = {r["shard"]: r["num_patches"] for r in read_ledger(root)}
     assert sum(committed.values()) == 12
     patches = DeltaTable(table_uri(root, "patches")).to_pyarrow_dataset()
