@@ -11,7 +11,7 @@ For each backend (local disk; the moto S3 server on 127.0.0.1, started here) and
   written: the table state is what a commit or a lookup reads). Delta-rs writes its checkpoints
   (every 100 versions) as usual; the ``shards`` table is compacted as a mining run does at its end.
 - **commit cost per shard**: ``--commits`` real shard commits (``write_shard``: 100 patches, 512-d,
-  3 data files + 4 Delta commits) on top of that state; the time inside the Delta commits
+  3 data files + 1 Delta commit) on top of that state; the time inside the Delta commits
   (``commit_s_per_shard``) and the whole shard write (``write_s_per_shard``), medians.
 - **lookup**: "which shards are committed" (``committed_shards``) from a cold process state
   (table cache cleared), median of 5 (3 on S3).
@@ -198,7 +198,7 @@ def delta_costs(root: str, sizes: list[int], commits: int, reps: int) -> dict:
         out[f"commit_s_per_shard_{_label(n)}"] = round(c, 4)
         out[f"write_s_per_shard_{_label(n)}"] = round(w, 4)
         out[f"build_s_{_label(n)}"] = round(build, 1)
-        print(f"  delta {n:>7}: lookup {lk:.3f} s, commit {1e3 * c:.1f} ms/shard (4 Delta commits), "
+        print(f"  delta {n:>7}: lookup {lk:.3f} s, commit {1e3 * c:.1f} ms/shard (1 Delta commit), "
               f"whole shard write {1e3 * w:.1f} ms, state built in {build:.1f} s", flush=True)
     return out
 

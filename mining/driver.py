@@ -75,6 +75,32 @@ def _fail_record(root: str, cfg: MineConfig, ref: ShardRef, reason: str, attempt
     return write_shard(root, out, status="failed", gen=ref.gen)
 
 
+def _incremental_dirs(root: str, refs: list[ShardRef], images_per_dir_shard: int) -> list[ShardRef]:
+    """Image-folder chunks made of the files no committed ``dir`` shard holds yet (see
+    :func:`mining.shards.incremental_dir_refs`); the committed chunks' members come from their records."""
+    import json
+
+    import pyarrow.compute as pc
+
+    from mining.shards import incremental_dir_refs
+
+    if not any(r.kind == "dir" for r in refs):
+        return refs
+    st = shard_states(root, columns=("shard", "status", "record"))
+    st = st.filter(pc.and_(pc.match_substring(st.column("shard"), "#"),
+                           pc.is_in(st.column("status"), pa_strings(["committed", "partial"]))))
+    covered: set[str] = set()
+    for r in st.column("record").to_pylist():
+        covered.update(json.loads(r).get("members", ()))
+    return incremental_dir_refs(refs, covered, images_per_dir_shard)
+
+
+def pa_strings(values: list[str]):
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())
+
+
 def plan_shards(root: str, refs: list[ShardRef]) -> list[ShardRef]:
     """The shards of ``refs`` to mine, each with the store generation its commit will carry.
 
@@ -146,6 +172,7 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
                         max_attempts=max_attempts, images_per_dir_shard=images_per_dir_shard,
                         startup_timeout=startup_timeout)
     refs = shards if shards is not None else list_input(input_spec, images_per_dir_shard)
+    refs = _incremental_dirs(output_root, refs, images_per_dir_shard)
     todo = plan_shards(output_root, refs)
     summary: dict[str, Any] = {"run_id": cfg.run_id, "date": cfg.date, "output": output_root,
                                "shards_total": len(refs), "shards_skipped": len(refs) - len(todo),

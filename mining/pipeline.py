@@ -74,7 +74,8 @@ DEFAULT_FRAME_BATCH = {"cuda": 32, "cpu": 4}
 PASS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MINING_S3_RETRIES", "HF_HOME", "HF_HUB_OFFLINE",
             "OPEN_CLIP_CACHE_DIR", "MINING_LTRP_CHECKPOINT", "MINING_MAE_CHECKPOINT", "MINING_RANKER_ARCH",
-            "MINING_MAE_ARCH", "MINING_RANKER_RANDOM_INIT", "MINING_KPP_RATIO", "MINING_EPITOME")
+            "MINING_MAE_ARCH", "MINING_RANKER_RANDOM_INIT", "MINING_KPP_RATIO", "MINING_EPITOME",
+            "MINING_FAULT_EXIT_BEFORE_COMMIT")
 
 
 def actor_env() -> dict:
@@ -296,6 +297,8 @@ class ShardMiner:
                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                      "forward_s": round(self.embedder.pop_forward_seconds(), 4),  # model forward inside "embed"
                      "wait_s": round(timer.get("wait"), 4), "frames": n_frames}
+        if ref.kind == "dir":   # which image files this chunk covers (a grown folder mines only new files)
+            out.extra["members"] = list(ref.members)
         record = write_shard(root, out, commit=False, gen=ref.gen, fingerprint=fingerprint,
                              status="partial" if out.status == "partial" else "committed")
         timer.add("write", time.perf_counter() - t0)
@@ -303,6 +306,10 @@ class ShardMiner:
         record.update(stage_s=timer.stage_s(), host_s=round(host_s, 4),
                       host_ms_per_frame=round(1e3 * host_s / max(1, n_frames), 3),
                       wall_s=round(time.perf_counter() - t_start, 4))
+        fault = os.environ.get("MINING_FAULT_EXIT_BEFORE_COMMIT")
+        if fault and not os.path.exists(fault):   # fault injection for the tests: die once between the
+            open(fault, "w").close()              # data write and the Delta commit, like a SIGKILL there
+            os._exit(137)
         if commit:
             from mining.store import commit_record
 

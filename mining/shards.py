@@ -87,6 +87,27 @@ def _dir_shards(fs, base: str, files: list[str], images_per_shard: int) -> list[
     return out
 
 
+def incremental_dir_refs(refs: list[ShardRef], covered: set[str], images_per_shard: int) -> list[ShardRef]:
+    """Re-chunk the ``dir`` shards of ``refs`` so that image files already in a committed ``dir`` shard
+    (``covered``: their URIs) are left out: adding files to a folder mines only the new ones, in new
+    chunks (sorted by name, ``images_per_shard`` each; a chunk's URI names its first and last file and a
+    hash of its members). ``tar`` / ``parquet`` refs pass through. Sorted by URI, like :func:`list_shards`.
+    """
+    out = [r for r in refs if r.kind != "dir"]
+    by_base: dict[str, list[str]] = {}
+    for r in refs:
+        if r.kind == "dir":
+            by_base.setdefault(r.uri.split("#", 1)[0], []).extend(r.members)
+    for base, members in by_base.items():
+        new = sorted(set(members) - covered)
+        for i in range(0, len(new), images_per_shard):
+            chunk = new[i:i + images_per_shard]
+            first, last = posixpath.basename(chunk[0]), posixpath.basename(chunk[-1])
+            digest = hashlib.blake2b("\n".join(chunk).encode(), digest_size=4).hexdigest()
+            out.append(ShardRef(uri=f"{base}#{first}..{last}.{digest}", kind="dir", members=tuple(chunk)))
+    return sorted(out, key=lambda r: r.uri)
+
+
 def list_shards(spec: str, *, images_per_dir_shard: int = DEFAULT_IMAGES_PER_DIR_SHARD) -> list[ShardRef]:
     """Resolve an input spec to shards, sorted by URI, with a fresh (uncached) listing.
 

@@ -12,14 +12,23 @@ from urllib.parse import urlparse
 
 SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
             b'<Message>Please reduce your request rate.</Message></Error>')
+UNAVAILABLE = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+               b'<Message>Service is unable to handle request.</Message></Error>')
 
 
 class FlakyProxy:
     """Forward to ``upstream``; answer 503 to every ``fail_every``-th request (counting from 1)."""
 
-    def __init__(self, upstream: str, fail_every: int = 3):
+    def __init__(self, upstream: str, fail_every: int = 3, only=None, max_failures: int | None = None,
+                 body: bytes = SLOWDOWN):
+        """``only(method, path, headers) -> bool``: the requests that may fail (default all);
+        ``max_failures``: stop failing after that many; ``body``: the 503's error document (SlowDown,
+        which s3fs retries itself, or :data:`UNAVAILABLE`, which it does not)."""
+        self.body = body
         self.upstream = urlparse(upstream)
         self.fail_every = fail_every
+        self.only = only
+        self.max_failures = max_failures
         self.requests = 0
         self.failed = 0
         self._lock = threading.Lock()
@@ -35,16 +44,18 @@ class FlakyProxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else None
                 with proxy._lock:
-                    proxy.requests += 1
-                    fail = proxy.fail_every > 0 and proxy.requests % proxy.fail_every == 0
+                    eligible = proxy.only is None or proxy.only(self.command, self.path, self.headers)
+                    proxy.requests += 1 if eligible else 0
+                    fail = (eligible and proxy.fail_every > 0 and proxy.requests % proxy.fail_every == 0
+                            and (proxy.max_failures is None or proxy.failed < proxy.max_failures))
                     if fail:
                         proxy.failed += 1
                 if fail:
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(SLOWDOWN)))
+                    self.send_header("Content-Length", str(len(proxy.body)))
                     self.end_headers()
-                    self.wfile.write(SLOWDOWN)
+                    self.wfile.write(proxy.body)
                     return
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}

@@ -55,6 +55,34 @@ def _records(data_root: str) -> list[dict]:
     return [r for r in read_ledger(data_root) if r.get("num_patches", 0) > 0 and "patches" in r.get("files", {})]
 
 
+def check_unique_patch_ids(data_root: str, records: list[dict]) -> None:
+    """Refuse to index a store whose committed shards hold the same ``patch_id`` twice (the same frames
+    mined under two shard keys): the index would return duplicates. Says which shards.
+
+    Raises:
+        ValueError: one line with the number of duplicated ids and the shards that hold them.
+    """
+    import numpy as np
+
+    ids, owners = [], []
+    for r in records:
+        t = _read_shard(data_root, r, ["patch_id"])
+        ids.append(t.column("patch_id").to_numpy())
+        owners.append(np.full(t.num_rows, len(owners), np.int64))
+    if not ids:
+        return
+    x = np.concatenate(ids)
+    o = np.concatenate(owners)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    dup = np.flatnonzero(xs[1:] == xs[:-1])
+    if len(dup):
+        shards = sorted({records[int(o[order][j])]["shard"] for d in dup for j in (d, d + 1)})
+        raise ValueError(f"refusing to build the index: {len(dup)} patch_id(s) occur more than once in the store "
+                         f"(the same frames committed under several shards): {', '.join(shards[:6])}"
+                         + (f" and {len(shards) - 6} more" if len(shards) > 6 else ""))
+
+
 def _read_shard(data_root: str, rec: dict, columns) -> pa.Table:
     """``columns`` of a shard's patches part; optional columns an older part lacks (``novelty``) are null."""
     return read_part_columns(join(data_root, rec["files"]["patches"]), list(columns))
@@ -421,6 +449,7 @@ def build_index(data_root: str, out_root: str, *, kind: str = "auto", memory_bud
     records = _records(data_root)
     if not records:
         raise FileNotFoundError(f"no committed patches under {data_root!r}")
+    check_unique_patch_ids(data_root, records)
     n = sum(r["num_patches"] for r in records)
     dim = int(records[0]["embedding_dim"])
     plan = sizing.plan_index(n, dim, kind, memory_budget_bytes)
@@ -492,6 +521,7 @@ def update_index(data_root: str, out_root: str, *, growth_factor: float = GROWTH
     if not new:
         log_fn(f"index {cur}: no new committed shards")
         return {**man, "changed": False}
+    check_unique_patch_ids(data_root, records)
     dataset_info(data_root, warn=True)
     recall_target = recall_target if recall_target is not None else man.get("recall_target", 0.95)
     n_new = sum(r["num_patches"] for r in new)
