@@ -83,6 +83,9 @@ def test_missing_weights_are_one_line_naming_both_options(frames, tmp_path):
     (["--actors", "0"], "--actors must be >= 1"),
     (["--images-per-shard", "0"], "--images-per-shard must be >= 1"),
     (["--startup-timeout", "0"], "--startup-timeout must be > 0"),
+    (["--date", "../../../escaped"], "--date must be an ISO date YYYY-MM-DD (got '../../../escaped')"),
+    (["--date", "2026-13-45"], "--date must be an ISO date YYYY-MM-DD (got '2026-13-45')"),
+    (["--date", "20261120"], "--date must be an ISO date YYYY-MM-DD"),
 ])
 def test_bad_setting_is_one_line(capsys, frames, tmp_path, extra, needle):
     rc, err = in_process(capsys, ["--input", str(frames), "--output", str(tmp_path / "o"), *TINY, *extra])
@@ -160,3 +163,15 @@ def test_folder_mixing_tar_and_loose_images_lists_all(tmp_path):
     uris = sorted(r.image_uri for ref in refs for r in iter_shard(ref))
     assert len(uris) == 3, uris                                   # before: the two loose JPEGs were ignored
     assert sorted(r.kind for r in refs) == ["dir", "tar"]
+
+
+def test_bad_date_or_index_path_is_refused_by_nightly_before_any_work(capsys, frames, tmp_path):
+    from jobs.nightly import main
+
+    (tmp_path / "idx").write_text("a file")
+    for extra, needle in ((["--date", "2026-02-30"], "--date must be an ISO date"),
+                          (["--index", str(tmp_path / "idx")], "is a file, not a directory")):
+        rc = main(["--input", str(frames), "--output", str(tmp_path / "o"), *TINY, *extra])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert_refused(rc, err, needle)
+    assert not (tmp_path / "o" / "shards").exists()     # nothing was written
