@@ -46,7 +46,7 @@ def test_parquet_and_tar_shards_from_s3_to_s3_on_gpu_pinned_actor(ray_client, s3
                                                 f"s3://{b}/in/b.tar#t0.jpg"}
     meta = {r["image_uri"]: r["metadata"] for r in open_images(out).to_table().to_pylist()}
     assert '"vehicle": "car-7"' in meta[f"s3://{b}/in/a.parquet#p0"]
-    assert s3_server.fs().exists(f"{b}/mined/ledger")
+    assert s3_server.fs().exists(f"{b}/mined/shards/_delta_log")
 
 
 @pytest.mark.slow
