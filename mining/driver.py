@@ -148,7 +148,7 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
 
     One actor per free GPU (``num_gpus=1``); without GPUs, CPU actors of ``cpus_per_actor`` CPUs
     (see :func:`plan_pool`). Shards go one at a time to whichever actor is free; a shard that fails
-    ``max_attempts`` times becomes a ``failed`` ledger record and an errors row, and the rest of
+    ``max_attempts`` times becomes a ``failed`` commit in the ``shards`` table and an errors row, and the rest of
     the run completes. Already-committed shards are skipped (a rerun mines only what is missing).
 
     ``use_gpu``: None detects GPUs in the cluster; True asks for ``num_gpus=1`` actors even when
@@ -396,7 +396,7 @@ def format_summary(s: dict, *, with_next: bool = True) -> str:
     if s.get("stage_s") and any(s["stage_s"].values()):
         lines.append("actor time per stage (s, summed over shards): " + ", ".join(f"{k} {v:.1f}" for k, v in s["stage_s"].items()))
     if s.get("output"):
-        lines.append(f"outputs: {s['output']} (patches/, images/, errors/: Parquet; ledger/: one JSON per shard)")
+        lines.append(f"outputs: {s['output']} (shards/, patches/, images/, errors/: Delta Lake tables)")
         if with_next:
             lines.append(f"next: {next_command(s)}")
     return "\n".join(lines)

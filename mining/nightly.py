@@ -1,7 +1,7 @@
 """The nightly incremental run: mine new shards, grow the index, reload the query actor, and
 (``refresh=True``) retrain the epitome on the night's shards for the next night (:func:`refresh_epitome`).
 
-Idempotent by construction: shards already in the ledger are skipped, each shard is
+Idempotent by construction: shards already committed (the store's ``shards`` table) are skipped, each shard is
 committed atomically by the actor that mined it, the index update adds only committed
 shards not yet in the current index version, and a second run the same night finds
 nothing new and says so.
@@ -125,7 +125,7 @@ def format_nightly(s: dict) -> str:
     """Human-readable end-of-night summary; the last line is the next command."""
     if s["nothing_to_do"]:
         head = (f"nothing to do for {s['date']}: all {s['shards_total']} shards are already committed "
-                f"(rerun-safe; delete their ledger records to re-mine)")
+                f"(rerun-safe; mine into a new root to re-mine)")
     else:
         head = f"night {s['date']}: {s['new_shards']} new shards"
     lines = [head, format_summary(s, with_next=False)]

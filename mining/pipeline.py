@@ -11,13 +11,13 @@ like clip-retrieval's runner: reader -> mapper -> writer, each stage timed (``st
     PatchBatcher (mining/batcher.py)    crop: all boxes of a frame batch, grouped by size
                                         embed: CLIP (bf16 autocast on GPU), full batches
     PatchWriter (mining/batcher.py)     write: writer thread -> Arrow column blocks,
-                                               then the Parquet parts + ledger record
+                                               then the data files + the Delta shard commit
 
 Why explicit actors and not Ray Data ``map_batches``: the unit of work, of retry and of
 commit is one *shard*. With explicit actors each shard's outputs are written at
-deterministic paths and committed to the ledger by the actor that mined it, a failed
+deterministic paths and committed (one Delta commit to the ``shards`` table) by the actor that mined it, a failed
 shard is retried as a whole on a (restarted) actor, and a shard that fails every time
-becomes one ``failed`` ledger record plus an errors row. Ray Data names output files
+becomes one ``failed`` shard commit plus an errors row. Ray Data names output files
 ``{uuid}_{block}`` and appends (a rerun duplicates rows), aborts the dataset on the
 first UDF error by default, and its checkpointing is beta (see ../shared/NOTES.md).
 
@@ -235,10 +235,10 @@ class ShardMiner:
 
     # ------------------------------------------------------------------ one shard
     def mine_shard(self, ref: ShardRef, root: str, *, commit: bool = True) -> dict:
-        """Mine one shard end to end and commit it to ``root``'s ledger.
+        """Mine one shard end to end and commit it to ``root``'s store (:mod:`mining.store`).
 
         Returns:
-            the ledger record, with ``stage_s`` (work seconds per stage: read, decode, select,
+            the commit record, with ``stage_s`` (work seconds per stage: read, decode, select,
             crop, embed, write; see :mod:`mining.stages`), ``wall_s``, ``wait_s`` (main loop
             waiting for frames), ``forward_s`` (CLIP forward, device time on CUDA), ``host_s``
             (read + write seconds) and ``host_ms_per_frame``.

@@ -29,7 +29,7 @@ def ledger_nights(data_root: str, nights: int = 7) -> list[dict]:
                                                 "errors": 0, "last_commit": ""})
     for r in read_ledger(data_root, statuses=None):
         d = per[r.get("date", "?")]
-        if r.get("status") == "committed":
+        if r.get("status") in ("committed", "partial"):   # partial: a corrupt shard's frames that were read
             d["shards"] += 1
             d["frames"] += int(r.get("num_images", 0))
             d["patches"] += int(r.get("num_patches", 0))
