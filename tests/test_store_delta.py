@@ -170,3 +170,16 @@ def test_migrate_a_json_ledger_root(tmp_path):
     cp = run_cli(["jobs.migrate_store", "--root", str(root)], check=False)
     assert cp.returncode == 2 and "nothing to migrate" in cp.stderr
     _ = (ShardOutput, make_image_id, make_patch_id)
+
+
+def test_build_index_refuses_duplicate_patch_ids_and_names_the_shards(tmp_path):
+    from mining.index.build import build_index
+
+    root = str(tmp_path / "d")
+    a = _out(store, "s3://bk/a.tar", n=4)
+    b = _out(store, "s3://bk/a.tar", n=4)       # the same frames ...
+    b.shard = "s3://bk/copy-of-a.tar"            # ... committed under another shard key
+    write_shard(root, a)
+    write_shard(root, b)
+    with pytest.raises(ValueError, match=r"refusing to build the index: 4 patch_id\(s\).*s3://bk/a.tar, s3://bk/copy-of-a.tar"):
+        build_index(root, str(tmp_path / "idx"), kind="flat", use_ray=False, verbose=False, uniqueness=False)
