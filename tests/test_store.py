@@ -7,9 +7,9 @@ from mining.store import (ShardOutput, embeddings_from_arrow, make_image_id, mak
                           open_patches, patch_schema, read_ledger, write_shard)
 
 
-def _out(shard="s3://b/night/a.tar", n=3, dim=8, seed=0):
+def _out(shard="s3://b/night/a.tar", n=3, dim=8, seed=0, date="2026-11-20"):
     rng = np.random.default_rng(seed)
-    o = ShardOutput(shard=shard, date="2026-11-20", run_id="r1", model="m/x", dim=dim)
+    o = ShardOutput(shard=shard, date=date, run_id="r1", model="m/x", dim=dim)
     iid = make_image_id(f"{shard}#f0.jpg")
     for i in range(n):
         box = (10 * i, 0, 10 * i + 50, 50)

@@ -12,27 +12,17 @@ import pytest
 
 from conftest import run_cli
 from mining import store
-from mining.store import (ShardOutput, commit_record, committed_shards, make_image_id, make_patch_id, open_errors,
-                          open_images, open_patches, publish, read_ledger, shard_states, table_uri, write_shard)
+from mining.store import (commit_record, committed_shards, open_errors, open_images, open_patches, publish, read_ledger,
+                          shard_states, table_uri, write_shard)
 
 HERE = Path(__file__).resolve().parent
 
 
-def _out(mod, shard, n=3, dim=8, seed=0, date="2026-11-20"):
-    rng = np.random.default_rng(seed)
-    o = mod.ShardOutput(shard=shard, date=date, run_id="r1", model="m/x", dim=dim)
-    iid = mod.make_image_id(f"{shard}#f0.jpg")
-    for i in range(n):
-        box = (10 * i, 0, 10 * i + 50, 50)
-        o.patches.append(dict(patch_id=mod.make_patch_id(iid, box, 2), image_id=iid, image_uri=f"{shard}#f0.jpg",
-                              shard=shard, date=o.date, x0=box[0], y0=box[1], x1=box[2], y1=box[3], level=2,
-                              score=0.5, model=o.model, run_id="r1"))
-    e = rng.normal(size=(n, dim)).astype(np.float32)
-    o.embeddings.append(e / np.linalg.norm(e, axis=1, keepdims=True))
-    o.images.append(dict(image_id=iid, image_uri=f"{shard}#f0.jpg", shard=shard, date=o.date, width=100, height=50,
-                         num_patches=n, status="ok", reason="", metadata="{}", run_id="r1"))
-    o.add_error(f"{shard}#f1.jpg", "decode", "empty file (0 bytes)")
-    return o
+def _out(_mod, shard, n=3, dim=8, seed=0, date="2026-11-20"):
+    """A small shard (``tests.test_store._out``); the legacy writer takes the same ShardOutput."""
+    from tests.test_store import _out as out
+
+    return out(shard, n=n, dim=dim, seed=seed, date=date)
 
 
 def _legacy():
@@ -169,7 +159,6 @@ def test_migrate_a_json_ledger_root(tmp_path):
     assert not list(root.glob("patches/date=*"))                   # old parts gone
     cp = run_cli(["jobs.migrate_store", "--root", str(root)], check=False)
     assert cp.returncode == 2 and "nothing to migrate" in cp.stderr
-    _ = (ShardOutput, make_image_id, make_patch_id)
 
 
 def test_build_index_refuses_duplicate_patch_ids_and_names_the_shards(tmp_path):
