@@ -38,6 +38,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` DISTINCT free ports: all sockets stay bound until every port is chosen (separate
+    :func:`free_port` calls can return the same port twice, and Ray refuses to start then)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def gtsdb_images(n: int | None = None) -> list[Path]:
     """The first n GTSDB images, or skip the test with a clear message when ../shared is absent."""
     imgs = sorted((GTSDB / "images").glob("*.jpg")) if GTSDB.exists() else []
@@ -148,9 +163,24 @@ def _kill_tree(proc: subprocess.Popen, temp_dir: str) -> None:
 
 
 def start_ray_head(num_cpus: int = 2, num_gpus: int = 0, extra_env: dict | None = None) -> tuple[RayHead, subprocess.Popen]:
-    """``ray start --head --block`` on 127.0.0.1 with free ports and its own temp dir and process group."""
+    """``ray start --head --block`` on 127.0.0.1 with free ports and its own temp dir and process group.
+
+    A head that exits at start (e.g. a port taken between choosing it and binding it) is
+    started again with new ports, up to 3 times."""
+    for attempt in range(3):
+        try:
+            return _start_ray_head_once(num_cpus, num_gpus, extra_env)
+        except RuntimeError as e:
+            if attempt == 2 or not str(e).startswith("ray start exited"):
+                raise
+            print(f"ray head did not start (attempt {attempt + 1}), retrying with new ports: {str(e)[-300:]}")
+    raise AssertionError("unreachable")
+
+
+def _start_ray_head_once(num_cpus: int, num_gpus: int, extra_env: dict | None) -> tuple[RayHead, subprocess.Popen]:
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    ports = {k: free_port() for k in ("port", "client", "dash", "agent_http", "agent_grpc", "metrics", "rtenv", "nm", "om")}
+    names = ("port", "client", "dash", "agent_http", "agent_grpc", "metrics", "rtenv", "nm", "om")
+    ports = dict(zip(names, free_ports(len(names))))
     env = dict(os.environ)
     env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
                 "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
