@@ -88,9 +88,9 @@ def main(argv=None) -> dict:
         ep, source, train_s = EpitomeSaliency(model, device="cpu"), f"trained on --data ({info['frames']} frames)", \
             time.perf_counter() - t0
     print(f"epitome: {source} ({train_s:.1f} s)", flush=True)
-    from mining.registry import backend_class
+    from mining.epitome.resolve import needs_epitome
 
-    needs = "epitome" in DEFAULT_SALIENCY or not getattr(backend_class(DEFAULT_SALIENCY), "weight_free", True)
+    needs = needs_epitome(DEFAULT_SALIENCY)
     backend = get_backend(DEFAULT_SALIENCY, model=ep.model, device="cpu") if needs else get_backend(DEFAULT_SALIENCY)
     preset = get_preset(DEFAULT_PRESET)
     rel, nov, score, n_obj = [], [], [], 0

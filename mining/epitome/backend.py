@@ -60,7 +60,6 @@ class EpitomeSaliency(SaliencyBackend):
             self.model, self.meta = model.eval(), {}
         else:
             self.model, self.meta = load_epitome(model)
-            self.source = str(model)
         self.device = torch.device(device) if device is not None else None
         self._cache: OrderedDict = OrderedDict()  # content key -> raw map (CPU frames only)
 
@@ -129,9 +128,6 @@ class EpitomeSaliency(SaliencyBackend):
         dev = self.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(dev)
         return self.predict_tensors([t])[0].cpu().numpy().astype(np.float32)
-
-    def predict_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return [self.predict(im) for im in images]
 
     @torch.no_grad()
     def box_novelty(self, image: torch.Tensor, boxes: np.ndarray) -> np.ndarray:

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from mining.epitome.model import Epitome, EpitomeSpec
 
@@ -281,7 +280,3 @@ def train_on_images(images: Iterable, spec: EpitomeSpec | None = None, cfg: Trai
     info["frames"] = len(frames)
     return model.eval(), info
 
-
-def working_patches(frame: torch.Tensor, k: int) -> torch.Tensor:
-    """All K x K patches of one working-resolution frame, (h-K+1)*(w-K+1) x C*K*K (for tests/diagnostics)."""
-    return F.unfold(frame[None], k)[0].T
