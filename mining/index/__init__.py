@@ -13,11 +13,14 @@ candidates re-ranked by faiss.IndexRefine with the exact float16 vectors), sq8. 
 """
 from mining.index.build import build_index, sample_vectors, update_index
 from mining.index.publish import current_version, drop_version, list_versions
-from mining.index.search import PatchIndex, open_index
+from mining.index.layout import ShardedIndex, fetch_version, open_index, open_shard
+from mining.index.search import PatchIndex
+from mining.index.stream import compaction_plan
 from mining.index.sizing import KINDS, IndexPlan, choose_kind, choose_nlist, parse_bytes, plan_index
 
 __all__ = [
-    "build_index", "update_index", "open_index", "PatchIndex", "list_versions", "drop_version",
+    "build_index", "update_index", "open_index", "PatchIndex", "ShardedIndex", "open_shard", "fetch_version",
+    "compaction_plan", "list_versions", "drop_version",
     "current_version", "sample_vectors", "plan_index", "choose_kind", "choose_nlist", "parse_bytes",
     "IndexPlan", "KINDS",
 ]

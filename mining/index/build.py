@@ -416,7 +416,8 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
 def build_index(data_root: str, out_root: str, *, kind: str = "auto", memory_budget_bytes: int | None = None,
                 recall_target: float = 0.95, seed: int = 0, use_ray: bool | None = None,
                 n_parts: int | None = None, merge: str = "auto", verbose: bool = True,
-                extra_manifest: dict | None = None, uniqueness: bool = True) -> dict:
+                extra_manifest: dict | None = None, uniqueness: bool = True, shards: int | None = None,
+                streaming: bool = False, part_max_vectors: int | None = None) -> dict:
     """Train, fill, tune and publish a NEW index version from the committed shards of ``data_root``.
 
     Args:
@@ -432,6 +433,10 @@ def build_index(data_root: str, out_root: str, *, kind: str = "auto", memory_bud
         uniqueness: write ``uniqueness.parquet`` (kNN uniqueness of every patch, searched on the
             finished index: N searches of 4 neighbours, see :mod:`mining.index.uniqueness`); its
             info goes to ``manifest["uniqueness"]`` (None when skipped).
+        shards / streaming: ``shards=S`` (or ``streaming=True``) builds a **sharded** version with the
+            streaming build of :mod:`mining.index.stream` (ivfpq-refine only; S date-range shards, default
+            ceil(N / 4M); no driver gather; no uniqueness file); ``part_max_vectors`` caps an encode task.
+            The index root may then be ``s3://``.
     Returns:
         the published manifest (dict; ``manifest["version"]``, ``["changed"] = True``).
     Raises:
@@ -439,6 +444,13 @@ def build_index(data_root: str, out_root: str, *, kind: str = "auto", memory_bud
         ValueError: bad kind / budget / too few vectors for the kind.
     Emits a UserWarning when the embeddings come from random CLIP weights (``random_init`` in the manifest).
     """
+    if shards is not None or streaming:
+        from mining.index import stream
+
+        return stream.build_sharded(data_root, out_root, kind=kind, shards=shards, memory_budget_bytes=memory_budget_bytes,
+                                    recall_target=recall_target, seed=seed, use_ray=use_ray, verbose=verbose,
+                                    part_max_vectors=part_max_vectors or stream.PART_MAX_VECTORS,
+                                    extra_manifest=extra_manifest)
     t0 = time.perf_counter()
     log_fn = print if verbose else log.info
     if merge not in ("auto", "memory", "ondisk"):
@@ -490,7 +502,8 @@ def build_index(data_root: str, out_root: str, *, kind: str = "auto", memory_bud
 def update_index(data_root: str, out_root: str, *, growth_factor: float = GROWTH_RETRAIN,
                  drift_ratio: float = DRIFT_RATIO, force_retrain: bool = False, use_ray: bool | None = None,
                  n_parts: int | None = None, recall_target: float | None = None, seed: int = 0,
-                 verbose: bool = True, uniqueness: bool = True, **build_kw) -> dict:
+                 verbose: bool = True, uniqueness: bool = True, compact: bool = True,
+                 compaction_policy: dict | None = None, **build_kw) -> dict:
     """Nightly: add committed shards not yet in the current version, with FROZEN codebooks.
 
     - nothing new: returns the current manifest with ``changed=False`` (no new version);
@@ -504,6 +517,10 @@ def update_index(data_root: str, out_root: str, *, growth_factor: float = GROWTH
       with the new vectors.
     Every new version gets ``uniqueness.parquet`` for ALL its patches (``uniqueness=False`` skips it).
     The previous version stays readable until :func:`drop_version`.
+    A **sharded** current version (``"layout": "sharded"``) is updated by :func:`mining.index.stream.update_sharded`:
+    the new fragments become a new shard, old shard files are not rewritten, and ``compact`` runs the
+    compaction policy (:func:`mining.index.stream.compaction_plan`; ``compaction_policy`` overrides its
+    keyword arguments).
 
     Returns: the manifest (new or current).  Raises: as :func:`build_index`.
     """
@@ -512,6 +529,13 @@ def update_index(data_root: str, out_root: str, *, growth_factor: float = GROWTH
     if cur is None:
         return build_index(data_root, out_root, seed=seed, use_ray=use_ray, n_parts=n_parts, verbose=verbose,
                            recall_target=recall_target or 0.95, uniqueness=uniqueness, **build_kw)
+    cur_man = publish.read_manifest(out_root, cur)
+    if cur_man.get("layout") == "sharded":
+        from mining.index import stream
+
+        return stream.update_sharded(data_root, out_root, cur_man, growth_factor=growth_factor, drift_ratio=drift_ratio,
+                                     force_retrain=force_retrain, use_ray=use_ray, compact=compact,
+                                     recall_target=recall_target, seed=seed, verbose=verbose, **(compaction_policy or {}))
     t0 = time.perf_counter()
     old = open_index(out_root, cur)
     man = old.manifest

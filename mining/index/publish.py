@@ -1,6 +1,6 @@
 """Versioned index directories and the atomic ``CURRENT`` pointer.
 
-Layout (local filesystem only: the index is built and served from local disk)::
+Layout (local directory; sharded versions may also live on ``s3://``, see :mod:`mining.index.layout`)::
 
     <out_root>/CURRENT                          one line: the serving version
     <out_root>/versions/<version>/index.faiss   the FAISS index (+ merged.ivfdata for on-disk merges)
@@ -30,7 +30,7 @@ import os
 import shutil
 import uuid
 
-from mining.fs import is_local
+from mining.fs import get_fs, is_local, join
 
 CURRENT = "CURRENT"
 VERSIONS = "versions"
@@ -49,11 +49,16 @@ def new_version_name() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def version_dir(out_root: str, version: str) -> str:
-    """Directory of a published version (string path)."""
+def check_version_name(version: str) -> str:
+    """``version`` if it is a plain name (no '/', not hidden). Raises ValueError."""
     if not version or "/" in version or version.startswith("."):
         raise ValueError(f"bad version name {version!r}")
-    return os.path.join(_local(out_root), VERSIONS, version)
+    return version
+
+
+def version_dir(out_root: str, version: str) -> str:
+    """Directory of a published version (string path; local roots only)."""
+    return os.path.join(_local(out_root), VERSIONS, check_version_name(version))
 
 
 def stage(out_root: str) -> tuple[str, str]:
@@ -118,7 +123,15 @@ def publish(out_root: str, version: str, staging_dir: str, manifest: dict) -> st
 
 
 def current_version(out_root: str) -> str | None:
-    """The version CURRENT points to, or None when nothing was published."""
+    """The version CURRENT points to, or None when nothing was published (local or ``s3://`` root)."""
+    if not is_local(out_root):
+        fs, path = get_fs(join(out_root, CURRENT))
+        try:
+            with fs.open(path, "r") as f:
+                v = f.read().strip()
+        except FileNotFoundError:
+            return None
+        return v or None
     p = os.path.join(_local(out_root), CURRENT)
     try:
         with open(p) as f:
@@ -130,6 +143,12 @@ def current_version(out_root: str) -> str | None:
 
 def list_versions(out_root: str) -> list[str]:
     """Published versions (complete: manifest present), oldest first. Staging dirs are ignored."""
+    if not is_local(out_root):
+        fs, path = get_fs(join(out_root, VERSIONS))
+        if not fs.exists(path):
+            return []
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
+        return sorted(v for v in names if not v.startswith(".") and fs.exists(f"{path}/{v}/{MANIFEST}"))
     d = os.path.join(_local(out_root), VERSIONS)
     if not os.path.isdir(d):
         return []
@@ -138,9 +157,40 @@ def list_versions(out_root: str) -> list[str]:
 
 
 def read_manifest(out_root: str, version: str) -> dict:
-    """manifest.json of a version. Raises FileNotFoundError when the version does not exist."""
+    """manifest.json of a version (local or ``s3://`` root). Raises FileNotFoundError when the version does not exist."""
+    if not is_local(out_root):
+        fs, path = get_fs(join(out_root, VERSIONS, check_version_name(version), MANIFEST))
+        with fs.open(path, "r") as f:
+            return json.load(f)
     with open(os.path.join(version_dir(out_root, version), MANIFEST)) as f:
         return json.load(f)
+
+
+def publish_small_version(out_root: str, version: str, manifest: dict, files: dict[str, object]) -> str:
+    """Publish a version made of small JSON files only (a sharded version: manifest + params; the shards
+    are already written), on a local or ``s3://`` root.
+
+    Local: :func:`stage` semantics (staging dir, manifest last, rename, CURRENT).  S3: each file is one
+    PUT, ``manifest.json`` after the others, then the ``CURRENT`` object -- the commit point; a crash
+    before it leaves CURRENT on the previous version.
+    Args: files: {name: JSON-able object} written before the manifest.
+    Returns: the version's URI.
+    """
+    if is_local(out_root):
+        d = os.path.join(_local(out_root), VERSIONS, STAGING_PREFIX + version)
+        os.makedirs(d)
+        for name, obj in files.items():
+            write_json_atomic(os.path.join(d, name), obj)
+        return publish(out_root, version, d, manifest)
+    vuri = join(out_root, VERSIONS, version)
+    for name, obj in list(files.items()) + [(MANIFEST, manifest)]:
+        fs, path = get_fs(join(vuri, name))
+        with fs.open(path, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True, default=str)
+    fs, path = get_fs(join(out_root, CURRENT))
+    with fs.open(path, "w") as f:
+        f.write(version + "\n")
+    return vuri
 
 
 def drop_version(out_root: str, version: str) -> None:
@@ -153,6 +203,13 @@ def drop_version(out_root: str, version: str) -> None:
     """
     if version == current_version(out_root):
         raise ValueError(f"{version} is the current version of {out_root}; publish another before dropping it")
+    if not is_local(out_root):
+        fs, path = get_fs(join(out_root, VERSIONS, version))
+        if not fs.exists(f"{path}/{MANIFEST}"):
+            raise FileNotFoundError(f"no version {version!r} under {out_root}")
+        fs.rm(f"{path}/{MANIFEST}")  # gone for readers first
+        fs.rm(path, recursive=True)
+        return
     d = version_dir(out_root, version)
     if not os.path.isdir(d):
         raise FileNotFoundError(f"no version {version!r} under {out_root}")

@@ -196,18 +196,26 @@ def write_refine(path: str, vectors: np.ndarray, order: np.ndarray | None = None
     expected layout (a faiss version change).
     """
     n, d = vectors.shape
+    with open(path, "wb") as f:
+        f.write(refine_header(n, d))
+        for s in range(0, n, chunk):
+            rows = order[s:s + chunk] if order is not None else slice(s, s + chunk)
+            f.write(np.ascontiguousarray(vectors[rows], dtype=np.float16).tobytes())
+        return f.tell()
+
+
+def refine_header(n: int, d: int) -> bytes:
+    """The bytes ``faiss.write_index`` puts before the codes of an ``IndexScalarQuantizer(d, QT_fp16, IP)``
+    holding ``n`` vectors: append ``n * d`` float16 values (row-major) after it to get a valid refine
+    file (what :func:`write_refine` and the streaming merge of :mod:`mining.index.merge` do).
+    Raises: RuntimeError when faiss' serialisation does not have the expected layout."""
     empty = faiss.serialize_index(
         faiss.IndexScalarQuantizer(int(d), faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)).tobytes()
     le = "little"
     if (empty[:4] != b"IxSQ" or int.from_bytes(empty[4:8], le) != d or int.from_bytes(empty[8:16], le) != 0
             or int.from_bytes(empty[-8:], le) != 0):
         raise RuntimeError("unexpected faiss IndexScalarQuantizer serialisation layout; cannot stream refine file")
-    with open(path, "wb") as f:
-        f.write(empty[:8] + int(n).to_bytes(8, le) + empty[16:-8] + int(n * d * 2).to_bytes(8, le))
-        for s in range(0, n, chunk):
-            rows = order[s:s + chunk] if order is not None else slice(s, s + chunk)
-            f.write(np.ascontiguousarray(vectors[rows], dtype=np.float16).tobytes())
-        return f.tell()
+    return empty[:8] + int(n).to_bytes(8, le) + empty[16:-8] + int(n * d * 2).to_bytes(8, le)
 
 
 def open_refine(path: str) -> tuple[faiss.Index, np.ndarray]:

@@ -1,0 +1,211 @@
+"""Sharded index versions and the streaming build (issue 18): merge correctness against a single
+index and exact search, streaming vs in-memory recall, an s3:// index root on the local moto
+server, nightly add without touching old shard files, compaction, Ray tasks.  Real FAISS, real
+store fragments (mining.store), real Ray and S3 server where marked."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import faiss
+import numpy as np
+import pytest
+
+import mining.index as mi
+from mining.index import core, layout, publish, stream
+from mining.index.testing import mixture, write_store
+from mining.store import embeddings_from_arrow, open_patches
+from tests.test_index import _one_thread  # noqa: F401  (autouse: one OpenMP thread on the shared cores)
+
+
+def _store(root, days=(1, 2, 3, 4), per=300):
+    for d in days:
+        write_store(root, 2, per, date=f"2026-11-{d:02d}", prefix=f"d{d}", seed=d)
+
+
+def _truth(data, q, k=16):
+    t = open_patches(data).to_table(columns=["patch_id", "embedding"])
+    x = core.normalize(embeddings_from_arrow(t.column("embedding")))
+    return core.exact_topk(core.normalize(q), x, t.column("patch_id").to_numpy().astype(np.int64), k)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One store of 4 nights, one root with a 1-shard and a 4-shard version on the SAME codebooks."""
+    base = tmp_path_factory.mktemp("sharded")
+    data, root = str(base / "data"), str(base / "idx")
+    _store(data)
+    m1 = mi.build_index(data, root, shards=1, use_ray=False, verbose=False)
+    m4 = stream.build_sharded(data, root, shards=4, trained_id=m1["trained"], use_ray=False, verbose=False)
+    return data, root, m1, m4
+
+
+def test_sharded_equals_single_and_exact(built):
+    data, root, m1, m4 = built
+    assert [s["date_min"] for s in m4["shards"]] == ["2026-11-01", "2026-11-02", "2026-11-03", "2026-11-04"]
+    assert m4["layout"] == "sharded" and sum(s["n"] for s in m4["shards"]) == m4["n"] == 2400
+    single, sharded = mi.open_index(root, m1["version"]), mi.open_index(root, m4["version"])
+    assert isinstance(sharded, mi.ShardedIndex) and sharded.ntotal == single.ntotal == 2400
+    q = mixture().sample(40, seed=99)
+    ts, ti = _truth(data, q)
+    nlist = m1["plan"]["nlist"]
+    # every list probed, every vector re-ranked: both must be exact, hence equal
+    for ix in (single, sharded):
+        ix.set_params({"nprobe": nlist, "k_factor": 256})
+    s1, i1 = single.search(q, 16)
+    s4, i4 = sharded.search(q, 16)
+    assert core.recall_at_k(i1, ti, 16) >= 0.99  # float16 refine vs float32 truth: near-ties may swap
+    np.testing.assert_array_equal(i4, i1)
+    np.testing.assert_allclose(s4, s1, atol=1e-6)
+    # shared codebooks: at equal (small) params the shards' candidates contain the single index's
+    p = {"nprobe": 2, "k_factor": 2}
+    single.set_params(p)
+    sharded.set_params(p)
+    assert core.recall_at_k(sharded.search(q, 16)[1], ti, 16) >= core.recall_at_k(single.search(q, 16)[1], ti, 16)
+    # metadata / lookup / reconstruct_exact agree
+    sharded.set_params({})
+    ids = i1[0, :5]
+    assert sharded.lookup(ids).column("patch_id").to_pylist() == single.lookup(ids).column("patch_id").to_pylist()
+    np.testing.assert_allclose(sharded.reconstruct_exact(ids), single.reconstruct_exact(ids), atol=1e-6)
+    assert sharded.metadata().column("patch_id").to_pylist() == single.metadata().column("patch_id").to_pylist()
+    with pytest.raises(KeyError):
+        sharded.reconstruct_exact([12345])
+    # each shard opens alone as a PatchIndex
+    one = mi.open_shard(root, m4["shards"][2]["id"])
+    assert isinstance(one, mi.PatchIndex) and one.ntotal == 600
+    assert set(one.metadata().column("date").to_pylist()) == {"2026-11-03"}
+
+
+def test_merge_shard_results_by_score():
+    a = (np.array([[0.9, 0.5, -np.inf]], np.float32), np.array([[1, 2, -1]]))
+    b = (np.array([[0.7, 0.6, 0.1]], np.float32), np.array([[3, 4, 5]]))
+    s, i = layout.merge_shard_results([a, b], 4)
+    assert i.tolist() == [[1, 3, 4, 2]] and s.dtype == np.float32
+    s, i = layout.merge_shard_results([a], 4)
+    assert i.tolist() == [[1, 2, -1, -1]]
+
+
+def test_streaming_recall_equals_in_memory_build(built, tmp_path):
+    data, root, m1, _ = built
+    legacy = mi.build_index(data, str(tmp_path / "legacy"), kind="ivfpq-refine", use_ray=False, verbose=False,
+                            uniqueness=False)
+    assert "layout" not in legacy
+    q = mixture().sample(60, seed=98)
+    ti = _truth(data, q)[1]
+    r_mem = core.recall_at_k(mi.open_index(str(tmp_path / "legacy")).search(q, 16)[1], ti, 16)
+    r_stream = core.recall_at_k(mi.open_index(root, m1["version"]).search(q, 16)[1], ti, 16)
+    assert r_stream >= 0.9 and abs(r_stream - r_mem) <= 0.03, (r_stream, r_mem)
+
+
+def _hashes(root):
+    out = {}
+    base = os.path.join(root, layout.SHARDS)
+    for sid in os.listdir(base):
+        for f in os.listdir(os.path.join(base, sid)):
+            p = os.path.join(base, sid, f)
+            out[(sid, f)] = (os.stat(p).st_mtime_ns, hashlib.sha1(open(p, "rb").read()).hexdigest())
+    return out
+
+
+def test_update_adds_a_shard_without_touching_old_files_then_compacts(tmp_path):
+    data, root = str(tmp_path / "data"), str(tmp_path / "idx")
+    _store(data, days=(1, 2))
+    m0 = mi.build_index(data, root, shards=2, use_ray=False, verbose=False)
+    before = _hashes(root)
+    assert mi.update_index(data, root, verbose=False)["changed"] is False
+    _store(data, days=(3,))
+    m1 = mi.update_index(data, root, verbose=False, compact=False)
+    assert m1["changed"] and m1["retrained"] is None and m1["parent_version"] == m0["version"]
+    assert [s["id"] for s in m1["shards"][:2]] == [s["id"] for s in m0["shards"]]
+    assert m1["shards"][2]["date_min"] == "2026-11-03" and m1["n"] == 1800
+    after = _hashes(root)
+    assert {k: after[k] for k in before} == before, "old shard files were rewritten"
+    q = mixture().sample(30, seed=97)
+    ti = _truth(data, q)[1]
+    ix = mi.open_index(root)
+    ix.set_params({"nprobe": m1["plan"]["nlist"], "k_factor": 256})
+    assert core.recall_at_k(ix.search(q, 16)[1], ti, 16) >= 0.99
+    # compaction: the policy merges the run of old small shards, never tonight's; old files stay
+    assert stream.compaction_plan(m1["shards"], small_vectors=10**9, min_run=2) == [[0, 1]]
+    assert stream.compaction_plan(m1["shards"], small_vectors=10) == []
+    _store(data, days=(4,))
+    m2 = mi.update_index(data, root, verbose=False, compaction_policy={"small_vectors": 10**9, "min_run": 2})
+    assert m2["compacted"] == [[s["id"] for s in m1["shards"]]]
+    assert len(m2["shards"]) == 2 and m2["shards"][0]["n"] == 1800 and m2["shards"][1]["date_min"] == "2026-11-04"
+    assert {k: v for k, v in _hashes(root).items() if k in after} == after
+    ix = mi.open_index(root)
+    ix.set_params({"nprobe": m2["plan"]["nlist"], "k_factor": 256})
+    assert core.recall_at_k(ix.search(q, 16)[1], _truth(data, q)[1], 16) >= 0.99
+    old = mi.open_index(root, m1["version"])  # the previous version still opens on its (kept) shards
+    assert old.ntotal == 1800
+
+
+def test_hnsw_coarse_quantizer_keeps_results():
+    x = mixture().sample(3000, seed=5)
+    plan = mi.plan_index(3000, x.shape[1], "ivfpq")
+    idx = core.train_index(plan, x)
+    core.add_vectors(idx, x, np.arange(3000))
+    h = core.train_index(plan, x)
+    core.use_hnsw_quantizer(h)
+    h = core.deserialize(core.serialize(h))  # the graph is saved with the index
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(h).quantizer), faiss.IndexHNSWFlat)
+    core.add_vectors(h, x, np.arange(3000))
+    q = core.normalize(mixture().sample(20, seed=6))
+    for ix in (idx, h):
+        core.set_params(ix, {"nprobe": 8})
+    a, b = idx.search(q, 10)[1], h.search(q, 10)[1]
+    assert np.mean([len(set(u) & set(v)) / 10 for u, v in zip(a, b)]) > 0.9
+
+
+@pytest.mark.s3
+def test_s3_index_root_round_trip(s3_server, tmp_path):
+    data = str(tmp_path / "data")
+    _store(data, days=(1, 2), per=200)
+    root = f"s3://{s3_server.make_bucket()}/index"
+    m = mi.build_index(data, root, shards=2, use_ray=False, verbose=False)
+    fs = s3_server.fs()
+    assert fs.cat(root[5:] + "/CURRENT").decode().strip() == m["version"]
+    assert mi.list_versions(root) == [m["version"]] and publish.current_version(root) == m["version"]
+    cache = str(tmp_path / "cache")
+    vdir = mi.fetch_version(root, None, cache)
+    assert vdir == os.path.join(cache, "versions", m["version"])
+    stats = layout.download_dir(layout.shard_uri(root, m["shards"][0]["id"]),
+                                os.path.join(cache, "shards", m["shards"][0]["id"]))
+    assert stats["downloaded"] == 0 and stats["skipped"] >= 5  # immutable files already cached are skipped
+    ix = mi.open_index(root, cache_dir=cache)
+    assert isinstance(ix, mi.ShardedIndex) and ix.ntotal == 800
+    q = mixture().sample(20, seed=96)
+    ti = _truth(data, q)[1]
+    ix.set_params({"nprobe": m["plan"]["nlist"], "k_factor": 256})
+    assert core.recall_at_k(ix.search(q, 16)[1], ti, 16) >= 0.99
+    one = mi.open_shard(root, m["shards"][1]["id"], cache_dir=str(tmp_path / "c2"))
+    assert one.ntotal == 400
+    # nightly add on S3: a new shard object set, then a new CURRENT
+    _store(data, days=(3,), per=200)
+    m2 = mi.update_index(data, root, verbose=False)
+    assert len(m2["shards"]) == 3 and publish.current_version(root) == m2["version"]
+    assert mi.open_index(root, cache_dir=cache).ntotal == 1200
+    assert not fs.exists(root[5:] + "/.parts-x") and not [p for p in fs.ls(root[5:]) if ".parts-" in p]
+
+
+@pytest.mark.ray
+def test_streaming_build_on_ray_tasks(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    # reuse workers here (the library starts a fresh worker per task, for its memory measurements; ~4 s each)
+    monkeypatch.setitem(stream.TASK_OPTIONS, "max_calls", 0)
+    data, root = str(tmp_path / "data"), str(tmp_path / "idx")
+    _store(data, days=(1, 2), per=200)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        m = mi.build_index(data, root, shards=2, use_ray=True, verbose=False, part_max_vectors=250)
+    finally:
+        if started:
+            ray.shutdown()
+    assert m["used_ray"] and m["build_stats"]["tasks"] >= 5  # 2 sample + 1 train + 4 encode (+2 merge)
+    assert m["build_stats"]["max_task_peak_rss_mb"] > 0
+    q = mixture().sample(20, seed=95)
+    ix = mi.open_index(root)
+    ix.set_params({"nprobe": m["plan"]["nlist"], "k_factor": 256})
+    assert core.recall_at_k(ix.search(q, 16)[1], _truth(data, q)[1], 16) >= 0.99
