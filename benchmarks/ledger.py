@@ -5,23 +5,31 @@
 
 For each backend (local disk; the moto S3 server on 127.0.0.1, started here) and each size N:
 
-- **state**: a store with N committed shards. Committing N shards one by one would take hours here,
-  so the state is built in bulk: commits of 1,000 shards each, every commit carrying the 1,000 app
-  transactions (``txn``) and, in the data tables, 1,000 add actions (for data files that are not
-  written: the table state is what a commit or a lookup reads). Delta-rs writes its checkpoints
-  (every 100 versions) as usual; the ``shards`` table is compacted as a mining run does at its end.
+- **state**: a store with N committed shards, mined as nights of 1,000 shards, one night a day going
+  back from the benchmark's "tonight" (shard URIs ``s3://fleet/<night>/vehicle-<v>/shard-<i>.tar``:
+  a fleet's upload layout, date first). Committing N shards one by one would take hours here, so
+  each night is one bulk commit of its 1,000 rows carrying the 1,000 app transactions (``txn``,
+  stamped with the night's time, so nights older than the retention have expired, as in a store
+  that has run for N/1,000 days) and, in the data tables, 1,000 add actions (for data files that
+  are not written: the table state is what a commit or a lookup reads). Delta-rs writes its
+  checkpoints (every 100 versions) as usual; each month of ``shards`` is compacted (sorted by
+  shard) as a mining run does at its end.
 - **commit cost per shard**: ``--commits`` real shard commits (``write_shard``: 100 patches, 512-d,
   3 data files + 1 Delta commit) on top of that state; the time inside the Delta commits
   (``commit_s_per_shard``) and the whole shard write (``write_s_per_shard``), medians.
-- **lookup**: "which shards are committed" (``committed_shards``) from a cold process state
-  (table cache cleared), median of 5 (3 on S3).
+- **lookup**: the planner's question "which of tonight's 1,000 shards are committed?"
+  (``shard_states(root, shards=...)``, what ``mining.driver.plan_shards`` asks) from a cold process
+  state (table cache cleared), median of 5 (3 on S3): ``lookup_s`` for a rerun of the latest night
+  (all 1,000 committed: rows are read) and ``lookup_new_s`` for a new night (none committed).
+  ``all_s``: every committed shard (``committed_shards``, what the index build and status read):
+  O(shards) by nature, for reference.
 - **JSON ledger** (the old protocol, ``mining.migrate``): N records, commit = one record PUT, lookup =
   list + read + parse all records.
 - **concurrency** (S3): ``--procs`` processes commit ``--conc-shards`` shards at once to the ``shards``
   table, each also re-committing 20 shards of its neighbour at the same time; then every row is
   checked: each shard exactly once, with the values its owner wrote. Retries are reported.
 
-The last line is one JSON object: lookup_s_<N>, commit_s_per_shard_<N>, write_s_per_shard_<N>,
+The last line is one JSON object: lookup_s_<N>, lookup_new_s_<N>, all_s_<N>, commit_s_per_shard_<N>, write_s_per_shard_<N>,
 json_lookup_s_<N>, json_commit_s_<N> (local), the same under "s3", and "concurrency".
 """
 from __future__ import annotations
@@ -48,8 +56,20 @@ from mining import store  # noqa: E402
 from mining.migrate import read_json_ledger, write_json_record  # noqa: E402
 from mining.store import ShardOutput, make_image_id, make_patch_id, shard_key  # noqa: E402
 
-BATCH = 1000
-DATE = "2026-11-20"
+BATCH = 1000          # shards per night
+TONIGHT = "2026-11-30"
+DAY_MS = 86_400_000
+
+
+def night(i: int) -> str:
+    """Ingest date of shard i: night 0 = tonight, night k = k days earlier (1,000 shards a night)."""
+    import datetime as dt
+
+    return (dt.date.fromisoformat(TONIGHT) - dt.timedelta(days=i // BATCH)).isoformat()
+
+
+def shard_uri(i: int) -> str:
+    return f"s3://fleet/{night(i)}/vehicle-{i % 37:03d}/shard-{i:07d}.tar"
 
 
 def _label(n: int) -> str:
@@ -57,7 +77,7 @@ def _label(n: int) -> str:
 
 
 def fake_shard(i: int, n_patches: int = 100, dim: int = 512) -> ShardOutput:
-    o = ShardOutput(shard=f"s3://fleet/night/shard-{i:07d}.tar", date=DATE, run_id="bench", model="ViT-B-16/openai", dim=dim)
+    o = ShardOutput(shard=shard_uri(i), date=night(i), run_id="bench", model="ViT-B-16/openai", dim=dim)
     per_img = 35
     for j in range(n_patches):
         uri = f"{o.shard}#f{j // per_img:05d}.jpg"
@@ -75,31 +95,34 @@ def fake_shard(i: int, n_patches: int = 100, dim: int = 512) -> ShardOutput:
 
 
 def _record(i: int, status: str = "committed", run_id: str = "bench") -> dict:
-    uri = f"s3://fleet/night/shard-{i:07d}.tar"
-    return {"schema_version": 1, "shard": uri, "shard_key": shard_key(uri), "date": DATE, "gen": 1, "status": status,
+    uri = shard_uri(i)
+    return {"schema_version": 1, "shard": uri, "shard_key": shard_key(uri), "date": night(i), "gen": 1, "status": status,
             "run_id": run_id, "model": "ViT-B-16/openai", "embedding_dim": 512, "random_init": False, "fingerprint": "",
             "files": {}, "bytes": 0, "num_images": 3, "num_patches": 100, "num_errors": 0,
             "committed_at": "2026-11-20T00:00:00+00:00"}
 
 
 def bulk_state(root: str, lo: int, hi: int) -> None:
-    """Commit shards lo..hi-1 in commits of BATCH shards (each with its BATCH app transactions)."""
+    """Commit shards lo..hi-1 (the nights before tonight: shard i is night i // BATCH + 1) in one commit
+    per night, each with the night's app transactions stamped with the night's time."""
     from deltalake import CommitProperties, Transaction, write_deltalake
     from deltalake.transaction import AddAction
 
     opts = store.delta_storage_options(root)
     now = int(time.time() * 1000)
     for a in range(lo, hi, BATCH):
-        ids = range(a, min(hi, a + BATCH))
+        ids = range(a + BATCH, min(hi, a + BATCH) + BATCH)      # skip night 0 (tonight)
         recs = [_record(i) for i in ids]
-        txns = [Transaction(store.app_id(r["shard_key"]), 1) for r in recs]
+        stamp = now - (ids[0] // BATCH) * DAY_MS
+        txns = [Transaction(store.app_id(r["shard_key"]), 1, stamp) for r in recs]
         for table in ("patches", "images", "errors"):
             dt = store._load(store.table_uri(root, table), opts, create=True)
-            adds = [AddAction(f"{DATE}/{r['shard_key']}-g1-bulk.parquet", 1000, {}, now, True,
+            adds = [AddAction(f"{r['date']}/{r['shard_key']}-g1-bulk.parquet", 1000, {}, now, True,
                               json.dumps({"numRecords": 100})) for r in recs]
             dt.create_write_transaction(adds, "append", store.delta_schema(table),
                                         commit_properties=CommitProperties(app_transactions=txns))
-        rows = [{k: r.get(k) for k in store.SHARDS_SCHEMA.names if k != "record"} | {"record": json.dumps(r)} for r in recs]
+        rows = [{k: r.get(k) for k in store.SHARDS_SCHEMA.names if k != "record"}
+                | {"record": json.dumps(r), "month": r["date"][:7]} for r in recs]
         dt = store._load(store.table_uri(root, store.SHARDS_TABLE), opts, create=True)
         write_deltalake(dt, pa.Table.from_pylist(rows, schema=store.SHARDS_SCHEMA), mode="append",
                         commit_properties=CommitProperties(app_transactions=txns))
@@ -121,7 +144,9 @@ def bulk_json(root: str, lo: int, hi: int) -> None:
 
 def timed_commits(root: str, start: int, n: int) -> tuple[float, float]:
     """Median (Delta commit seconds, whole write_shard seconds) over n real shard commits."""
-    inner = store._commit_once
+    from mining import store_delta
+
+    inner = store_delta._commit_once
     spent = [0.0]
 
     def wrapped(*a, **k):
@@ -131,23 +156,35 @@ def timed_commits(root: str, start: int, n: int) -> tuple[float, float]:
         finally:
             spent[0] += time.perf_counter() - t
 
-    store._commit_once = wrapped
+    store_delta._commit_once = wrapped
     try:
         commit_s, write_s = [], []
         template = fake_shard(0)
-        for i in range(start, start + n):
-            template.shard = f"s3://fleet/night/shard-{i:07d}.tar"
+        for i in range(start, start + n):      # tonight's shards (night 0)
+            template.shard, template.date = shard_uri(i), night(i)
             spent[0] = 0.0
             t = time.perf_counter()
             store.write_shard(root, template)
             write_s.append(time.perf_counter() - t)
             commit_s.append(spent[0])
     finally:
-        store._commit_once = inner
+        store_delta._commit_once = inner
     return statistics.median(commit_s), statistics.median(write_s)
 
 
-def lookup(root: str, expect: int, reps: int) -> float:
+def lookup(root: str, uris: list[str], expect: int, reps: int) -> float:
+    """Median seconds of the planner's lookup of ``uris`` from a cold table cache; checks the count."""
+    ts = []
+    for _ in range(reps):
+        store._TABLE_CACHE.clear()
+        t = time.perf_counter()
+        n = store.shard_states(root, columns=("shard", "gen", "status", "fingerprint"), shards=uris).num_rows
+        ts.append(time.perf_counter() - t)
+        assert n == expect, (n, expect)
+    return statistics.median(ts)
+
+
+def lookup_all(root: str, expect: int, reps: int) -> float:
     ts = []
     for _ in range(reps):
         store._TABLE_CACHE.clear()
@@ -191,14 +228,20 @@ def delta_costs(root: str, sizes: list[int], commits: int, reps: int) -> dict:
         store.compact_shards_table(root)
         build = time.perf_counter() - t
         have = n
-        lk = lookup(root, n + extra, reps)
-        c, w = timed_commits(root, 5_000_000 + n, commits)
+        rerun = [shard_uri(i) for i in range(BATCH, 2 * BATCH)]          # the latest committed night
+        new = [shard_uri(i) for i in range(BATCH)]                       # tonight: nothing committed yet
+        lk = lookup(root, rerun, BATCH, reps)
+        lk_new = lookup(root, new, min(extra, BATCH), reps)
+        la = lookup_all(root, n + extra, max(1, reps // 2))
+        c, w = timed_commits(root, extra, commits)
         extra += commits
         out[f"lookup_s_{_label(n)}"] = round(lk, 4)
+        out[f"lookup_new_s_{_label(n)}"] = round(lk_new, 4)
+        out[f"all_s_{_label(n)}"] = round(la, 4)
         out[f"commit_s_per_shard_{_label(n)}"] = round(c, 4)
         out[f"write_s_per_shard_{_label(n)}"] = round(w, 4)
         out[f"build_s_{_label(n)}"] = round(build, 1)
-        print(f"  delta {n:>7}: lookup {lk:.3f} s, commit {1e3 * c:.1f} ms/shard (1 Delta commit), "
+        print(f"  delta {n:>7}: lookup {lk:.4f} s (rerun night), {lk_new:.4f} s (new night), all {la:.3f} s, commit {1e3 * c:.1f} ms/shard (1 Delta commit), "
               f"whole shard write {1e3 * w:.1f} ms, state built in {build:.1f} s", flush=True)
     return out
 

@@ -86,9 +86,9 @@ def _incremental_dirs(root: str, refs: list[ShardRef], images_per_dir_shard: int
 
     if not any(r.kind == "dir" for r in refs):
         return refs
-    st = shard_states(root, columns=("shard", "status", "record"))
-    st = st.filter(pc.and_(pc.match_substring(st.column("shard"), "#"),
-                           pc.is_in(st.column("status"), pa_strings(["committed", "partial"]))))
+    bases = sorted({r.uri.split("#", 1)[0] + "#" for r in refs if r.kind == "dir"})
+    st = shard_states(root, columns=("shard", "status", "record"), prefixes=bases)
+    st = st.filter(pc.is_in(st.column("status"), pa_strings(["committed", "partial"])))
     covered: set[str] = set()
     for r in st.column("record").to_pylist():
         covered.update(json.loads(r).get("members", ()))
@@ -112,7 +112,7 @@ def plan_shards(root: str, refs: list[ShardRef]) -> list[ShardRef]:
 
     from mining.shards import shard_fingerprint
 
-    st = shard_states(root, columns=("shard", "gen", "status", "fingerprint")).to_pylist()
+    st = shard_states(root, columns=("shard", "gen", "status", "fingerprint"), shards=[r.uri for r in refs]).to_pylist()
     by = {r["shard"]: r for r in st}
     todo = []
     for ref in refs:
@@ -179,7 +179,7 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
                                "shards_mined": 0, "shards_failed": 0, "images": 0, "patches": 0, "errors": 0,
                                "stage_s": dict.fromkeys(STAGES, 0.0), "failed": [], "attempts": {}}
     if not todo:
-        summary["published"] = publish(output_root)
+        summary["published"] = publish(output_root, months=[cfg.date[:7]])
         summary.update(wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0, patches_per_s=0.0)
         return summary
     epitome_env, how = _resolve_epitome(cfg, output_root, todo, progress)
@@ -205,8 +205,8 @@ def run_mining(input_spec: str, output_root: str, cfg: MineConfig, *, address: s
     finally:
         for a in actors + ([counter] if counter is not None else []):
             ray.kill(a, no_restart=True)
-    summary["published"] = publish(output_root)     # the data tables' Delta logs catch up (batched commits)
-    compact_shards_table(output_root)
+    summary["published"] = publish(output_root, months=[cfg.date[:7]])     # the data tables' Delta logs catch up (batched commits)
+    compact_shards_table(output_root, months=[cfg.date[:7]])   # this run's month: sorted, one file
     wall = time.perf_counter() - t0
     summary["stage_s"] = {k: round(v, 3) for k, v in summary["stage_s"].items()}
     summary.update(wall_s=round(wall, 3), images_per_s=round(summary["images"] / wall, 3),

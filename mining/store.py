@@ -171,7 +171,40 @@ def _dataset(root: str, table: str, statuses: Sequence[str], schema: pa.Schema |
         if schema is None:
             raise FileNotFoundError(f"no committed shards under {root!r} (table {table_uri(root, SHARDS_TABLE)})")
         return pads.dataset(schema.empty_table())
+    paths = _drop_missing(fs, paths, table, root)
+    if not paths:
+        return pads.dataset((schema or pa.schema([])).empty_table())
     return pads.dataset(paths, format="parquet", filesystem=fs, schema=schema)
+
+
+def missing_files(fs, paths: Sequence[str]) -> list[str]:
+    """The entries of ``paths`` (files named by committed shards) that are not there, found with one
+    listing per parent directory (one per table and ingest date), not one request per file."""
+    by_dir: dict[str, set[str]] = {}
+    for p in paths:
+        d, _, name = p.rpartition("/")
+        by_dir.setdefault(d, set()).add(name)
+    gone = set()
+    for d, names in by_dir.items():
+        try:
+            fs.invalidate_cache(d)
+            have = {e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(d, detail=False)}
+        except FileNotFoundError:
+            have = set()
+        gone.update(f"{d}/{n}" for n in names - have)
+    return [p for p in paths if p in gone]
+
+
+def _drop_missing(fs, paths: list[str], table: str, root: str) -> list[str]:
+    """``paths`` without the files that are gone, with one warning naming how many and the first: one lost
+    part file (a bad lifecycle rule, a manual delete) must not make the whole dataset unreadable."""
+    gone = missing_files(fs, paths)
+    if not gone:
+        return paths
+    warnings.warn(f"{len(gone)} committed {table} file(s) under {root} are missing and were left out "
+                  f"(first: {gone[0]}); remine those shards or restore the files", UserWarning, stacklevel=3)
+    drop = set(gone)
+    return [p for p in paths if p not in drop]
 
 
 def open_patches(root: str, *, dates: Sequence[str] | None = None) -> pads.Dataset:

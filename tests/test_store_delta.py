@@ -172,3 +172,79 @@ def test_build_index_refuses_duplicate_patch_ids_and_names_the_shards(tmp_path):
     write_shard(root, b)
     with pytest.raises(ValueError, match=r"refusing to build the index: 4 patch_id\(s\).*s3://bk/a.tar, s3://bk/copy-of-a.tar"):
         build_index(root, str(tmp_path / "idx"), kind="flat", use_ray=False, verbose=False, uniqueness=False)
+
+
+def test_lookup_prunes_by_shard_stats_and_finds_every_committed_uri(tmp_path):
+    """The planner's lookup (``shard_states(shards=..., prefixes=...)``) reads only the files and row
+    groups whose ``shard`` statistics can hold a wanted URI; URIs longer than Delta's truncated string
+    statistics (64 chars), differing only past the cut, must all still be found."""
+    from deltalake import DeltaTable
+
+    from mining.store import compact_shards_table
+
+    root = str(tmp_path)
+    long = "s3://fleet-uploads-production-eu-central-1/raw/camera-front-wide/2026-11-"
+    uris = {d: [f"{long}{d[-2:]}/vehicle-{v:04d}/shard-{i:03d}.tar" for v in range(2) for i in range(3)]
+            for d in ("2026-10-31", "2026-11-20")}
+    for d, us in uris.items():
+        for u in us:
+            commit_record(root, {"shard": u, "shard_key": store.shard_key(u), "date": d, "gen": 1, "status": "committed"})
+    commit_record(root, {"shard": "/data/cam#a.jpg..b.jpg.1234", "shard_key": "dir-1", "date": "2026-11-20", "gen": 1,
+                         "status": "committed"})
+    res = compact_shards_table(root)
+    assert res["months"] == ["2026-10", "2026-11"] and res["rows"] == 13
+    dt = DeltaTable(table_uri(root, "shards"))
+    assert dt.metadata().partition_columns == ["month"] and len(dt.file_uris()) == 2
+    store._TABLE_CACHE.clear()
+    want = uris["2026-11-20"][1:4] + [long + "20/vehicle-0000/shard-999.tar", "s3://elsewhere/x.tar"]
+    got = shard_states(root, columns=("shard", "gen"), shards=want).column("shard").to_pylist()
+    assert sorted(got) == sorted(uris["2026-11-20"][1:4])
+    # the file of October cannot hold November URIs: it is never opened
+    adds = DeltaTable(table_uri(root, "shards")).get_add_actions(flatten=True)
+    from mining.store_delta import _files_that_may_hold
+    assert len(_files_that_may_hold(DeltaTable(table_uri(root, "shards")), sorted(want), [])) == 1 < len(adds)
+    assert shard_states(root, columns=("shard",), prefixes=["/data/cam#"]).num_rows == 1
+    assert shard_states(root, columns=("shard",), prefixes=["/data/other#"]).num_rows == 0
+    assert shard_states(root, columns=("shard",), months=["2026-10"]).num_rows == 6
+    assert shard_states(root, columns=("shard",), shards=[]).num_rows == 0
+    assert len(committed_shards(root)) == 13
+    with pytest.raises(ValueError, match="bad month"):
+        compact_shards_table(root, months=["2026-11' OR 1=1 --"])
+
+
+def test_app_transactions_expire_but_committed_shards_stay_skipped(tmp_path):
+    """Old app transactions leave the snapshot (``delta.setTransactionRetentionDuration``), so it does not
+    grow with every shard ever committed; the planner still skips those shards from the rows."""
+    import time
+
+    from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+
+    from mining.driver import plan_shards
+    from mining.shards import ShardRef
+    from mining.store_delta import SHARDS_SCHEMA, _load, app_id
+
+    root = str(tmp_path)
+    u = "s3://fleet/2026-11-01/shard-1.tar"
+    commit_record(root, {"shard": "s3://fleet/2026-11-29/new.tar", "shard_key": "k-new", "date": "2026-11-29", "gen": 1,
+                         "status": "committed"})           # creates the table with its retention settings
+    dt = _load(table_uri(root, "shards"), None, create=False)
+    row = {n: None for n in SHARDS_SCHEMA.names} | {"shard": u, "shard_key": "k-old", "date": "2026-11-01", "gen": 1,
+                                                     "status": "committed", "month": "2026-11"}
+    old = int(time.time() * 1000) - 30 * 86_400_000       # committed 30 days ago
+    write_deltalake(dt, __import__("pyarrow").Table.from_pylist([row], schema=SHARDS_SCHEMA), mode="append",
+                    commit_properties=CommitProperties(app_transactions=[Transaction(app_id("k-old"), 1, old)]))
+    fresh = DeltaTable(table_uri(root, "shards"))
+    assert fresh.transaction_version(app_id("k-old")) is None          # expired
+    assert fresh.transaction_version(app_id("k-new")) == 1             # this run's: kept
+    todo = plan_shards(root, [ShardRef(uri=u, kind="tar"), ShardRef(uri="s3://fleet/2026-11-30/t.tar", kind="tar")])
+    assert [r.uri for r in todo] == ["s3://fleet/2026-11-30/t.tar"]
+
+
+def test_a_missing_committed_file_is_left_out_with_a_warning(tmp_path):
+    root = str(tmp_path)
+    recs = [write_shard(root, _out(store, f"s3://bk/n/{k}.tar", n=2 + k, seed=k)) for k in range(3)]
+    os.remove(os.path.join(root, recs[1]["files"]["patches"]))      # lost by a lifecycle rule
+    with pytest.warns(UserWarning, match=r"1 committed patches file\(s\) .* missing"):
+        ds = open_patches(root)
+    assert ds.count_rows() == 2 + 4                                  # the other two shards, complete
+    assert open_images(root).count_rows() == 3                       # other tables untouched
