@@ -196,12 +196,19 @@ def build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
 
             p, r = core.tune("ivfpq-refine", idx, lambda q, k, pp: refine_search(q, k, pp)[1], qtune, gt_tune,
                              k=K, recall_target=args.recall_target, nlist=plan.nlist)
-            yield Row("ivfpq-refine (IndexRefine, float16 refine file)", "ivfpq-refine", plan.factory + " + refine fp16",
+            row = Row("ivfpq-refine (IndexRefine, float16 refine file)", "ivfpq-refine", plan.factory + " + refine fp16",
                       idx, refine_search, build + t_ref.s, nb, n, p, extra_bytes=os.path.getsize(path),
                       fixed_bytes=fixed)
+            row.note = time_split(idx, pidx, p, qtune, args.timing_queries)
+            yield row
+            if args.scann or args.refine2:
+                yield from two_stage_refine_rows(idx, pidx, refine, p, x, order, sorted_ids, qtune, gt_tune, args,
+                                                 tmpdir, build + t_ref.s, nb, fixed)
             del pidx, refine, vec
         del idx
         gc.collect()
+    if args.scann:
+        yield from scann_rows(x, ids, qtune, gt_tune, args, tmpdir)
     if "sq8" in want:
         plan = sizing.plan_index(n, d, "sq8")
         with core.Timer() as t:
@@ -226,6 +233,101 @@ def build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
                   index_bytes(idx), n, note=f"trained on {nt}")
         del idx
         gc.collect()
+
+
+def time_split(idx, pidx, params, q, n_timing: int) -> str:
+    """Where batch-1 time goes in ivfpq-refine: the IVF fast-scan search for k * k_factor candidates alone
+    (same nprobe) vs the whole search (+ float16 re-rank in IndexRefine, row -> patch_id map)."""
+    pidx.set_params(params)
+    cand = int(K * params.get("k_factor", sizing.DEFAULT_K_FACTOR))
+    t_ivf, t_all = [], []
+    for i in range(min(n_timing, len(q))):
+        t0 = time.perf_counter()
+        idx.search(q[i:i + 1], cand)
+        t_ivf.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        pidx.search(q[i:i + 1], K)
+        t_all.append(time.perf_counter() - t0)
+    a, b = 1e3 * float(np.median(t_ivf)), 1e3 * float(np.median(t_all))
+    return f"time split (batch 1): IVF scan for {cand} candidates {a:.3f} ms, re-rank + rest {b - a:.3f} ms of {b:.3f} ms"
+
+
+def two_stage_refine_rows(idx, pidx, refine, params, x, order, sorted_ids, qtune, gt_tune, args, tmpdir, build_s, nb,
+                          fixed):
+    """Item 4 of issue 18: a cheaper first re-rank. The IVF's k * k1 * k2 candidates are re-ranked with an
+    8-bit scalar quantizer (``SQ8``, 512 B/vector at D=512, memory-mapped like the fp16 file), its top
+    k * k2 with the exact float16 vectors: ``IndexRefine(IndexRefine(ivf, sq8, k1), fp16, k2)``.  The
+    total candidates and nprobe stay those tuned for the one-stage refine; k2 in (2, 4, 8)."""
+    d = x.shape[1]
+    sq = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    with core.Timer() as t:
+        sq.train(x[np.random.default_rng(0).choice(len(x), min(len(x), 65_536), replace=False)])
+        for s0 in range(0, len(x), 65_536):
+            sq.add(np.ascontiguousarray(x[order[s0:s0 + 65_536]]))
+        path = os.path.join(tmpdir, "refine_sq8.faiss")
+        faiss.write_index(sq, path)
+        del sq
+    sq = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
+    core.set_params(idx, params)
+    total = int(params.get("k_factor", sizing.DEFAULT_K_FACTOR))
+    for k2 in (2, 4, 8):
+        if k2 >= total:
+            continue
+        inner = faiss.IndexRefine(idx, sq)
+        inner.k_factor = float(total // k2)
+        outer = faiss.IndexRefine(inner, refine)
+        outer.k_factor = float(k2)
+
+        def search(q, k, pp=None, outer=outer):
+            sc, rows = outer.search(q, k)
+            return sc, np.where(rows < 0, -1, sorted_ids[np.maximum(rows, 0)])
+
+        yield Row(f"ivfpq-refine, 2-stage: SQ8 on {total * K}, fp16 on {k2 * K}", "ivfpq-refine2",
+                  f"{pidx.index.__class__.__name__} + SQ8 + fp16", idx, search, build_s + t.s, nb, len(x),
+                  {**params, "k1": total // k2, "k2": k2}, extra_bytes=os.path.getsize(path) + 2 * d * len(x),
+                  fixed_bytes=fixed)
+
+
+def scann_rows(x, ids, qtune, gt_tune, args, tmpdir):
+    """ScaNN (Guo et al. 2020, "Accelerating Large-Scale Inference with Anisotropic Vector Quantization") on
+    the same vectors: tree (2000 leaves) + asymmetric hashing (2 dims/block, anisotropic threshold 0.2) +
+    exact float32 re-order, the configuration of ScaNN's README for ~1M; leaves_to_search and the re-order
+    depth tuned on the tuning queries to the same recall target (fastest of those that reach it).
+    Single query calls (``searcher.search``): one thread."""
+    import scann
+
+    n = len(x)
+    with core.Timer() as t:
+        searcher = (scann.scann_ops_pybind.builder(x, K, "dot_product")
+                    .tree(num_leaves=2000, num_leaves_to_search=100, training_sample_size=min(n, 250_000))
+                    .score_ah(2, anisotropic_quantization_threshold=0.2).reorder(200)
+                    .set_n_training_threads(1).build())
+    sdir = os.path.join(tmpdir, "scann")
+    os.makedirs(sdir, exist_ok=True)
+    searcher.serialize(sdir)
+    nbytes = sum(os.path.getsize(os.path.join(sdir, f)) for f in os.listdir(sdir))
+
+    def search(q, k, pp):
+        out = [searcher.search(qq, final_num_neighbors=k, leaves_to_search=pp["leaves"],
+                               pre_reorder_num_neighbors=pp["reorder"]) for qq in q]
+        return np.stack([o[1] for o in out]).astype(np.float32), ids[np.stack([o[0] for o in out]).astype(np.int64)]
+
+    best = None
+    for leaves in (25, 50, 100, 200):
+        for reorder in (50, 100, 200, 400):
+            r = core.recall_at_k(search(qtune, K, {"leaves": leaves, "reorder": reorder})[1], gt_tune, K)
+            if r >= args.recall_target + 0.005:
+                ts = []
+                for i in range(min(64, len(qtune))):
+                    t0 = time.perf_counter()
+                    search(qtune[i:i + 1], K, {"leaves": leaves, "reorder": reorder})
+                    ts.append(time.perf_counter() - t0)
+                cand = (float(np.median(ts)), {"leaves": leaves, "reorder": reorder})
+                best = min(best, cand, key=lambda c: c[0]) if best else cand
+                break
+    params = best[1] if best else {"leaves": 200, "reorder": 400}
+    yield Row("ScaNN (tree 2000 + AH 2 dims/block + float32 re-order)", "scann", "scann 1.4.2", None, search, t.s,
+              nbytes, n, params, note="serialized size = resident (the re-order keeps the float32 dataset)")
 
 
 def write_results(rows, meta):
@@ -280,7 +382,28 @@ def main(argv=None):
                     help="memory budget of the IVF rows in bytes per vector (the sizing rule picks M), e.g. 80")
     ap.add_argument("--factory", default=None, help="override the IVF-PQ factory string (ivfpq rows), e.g. OPQ64_512,IVF1024,PQ64x8")
     ap.add_argument("--threads", type=int, default=0, help="OpenMP threads for faiss (0: faiss default)")
+    ap.add_argument("--shards", default=None,
+                    help="issue 18: streaming, sharded build on a local Ray cluster (benchmarks/index_sharded.py); "
+                         "S or a list like 1,4,8 (same vectors, queries and codebooks)")
+    ap.add_argument("--streaming", action="store_true", help="the streaming build (implied by --shards; default 1 shard)")
+    ap.add_argument("--fragment", type=int, default=50_000, help="--shards: patches per committed store fragment")
+    ap.add_argument("--days", type=int, default=16, help="--shards: nights the fragments are spread over")
+    ap.add_argument("--part-vectors", type=int, default=250_000, help="--shards: vectors per encode task")
+    ap.add_argument("--ray-cpus", type=int, default=2, help="--shards: CPUs of the local Ray cluster")
+    ap.add_argument("--max-nlist", type=int, default=None, help="--shards: cap the sizing rule's nlist (training time)")
+    ap.add_argument("--workdir", default=None, help="--shards: store + index directory (default /tmp/idxbench-<n>)")
+    ap.add_argument("--keep", action="store_true", help="--shards: keep the store and index afterwards")
+    ap.add_argument("--scann", action="store_true",
+                    help="with --kind ivfpq-refine: also ScaNN on the same vectors (pip install '.[ann-peers]') and the "
+                         "2-stage SQ8 -> fp16 refine rows")
+    ap.add_argument("--refine2", action="store_true", help="with --kind ivfpq-refine: add the 2-stage SQ8 -> fp16 refine rows")
     args = ap.parse_args(argv)
+    if args.shards or args.streaming:
+        import index_sharded
+
+        rows = index_sharded.run(args)
+        print(json.dumps({**rows[0], "rows": rows}))
+        return
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
 
@@ -314,7 +437,11 @@ def main(argv=None):
                      | {"ms_per_query_batch64": main_row["ms_per_query_batch64"],
                         "rows": [{k: r[k] for k in ("name", "recall_at_16", "bytes_per_vector", "ms_per_query", "build_s")} for r in results]}
                      if args.all else
-                     {k: main_row[k] for k in ("kind", "n", "recall_at_16", "bytes_per_vector", "ms_per_query", "build_s", "ms_per_query_batch64")}))
+                     {k: main_row[k] for k in ("kind", "n", "recall_at_16", "bytes_per_vector", "ms_per_query", "build_s", "ms_per_query_batch64")}
+                     | ({"shards": 1, "rows": [{k: r[k] for k in ("name", "recall_at_16", "bytes_per_vector",
+                                                                  "extra_disk_bytes_per_vector", "ms_per_query", "build_s",
+                                                                  "params", "note")} for r in results]}
+                        if len(results) > 1 else {})))
 
 
 if __name__ == "__main__":

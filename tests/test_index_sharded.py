@@ -209,3 +209,17 @@ def test_streaming_build_on_ray_tasks(tmp_path, monkeypatch):
     ix = mi.open_index(root)
     ix.set_params({"nprobe": m["plan"]["nlist"], "k_factor": 256})
     assert core.recall_at_k(ix.search(q, 16)[1], _truth(data, q)[1], 16) >= 0.99
+
+
+def test_build_index_job_refuses_bad_shard_settings(capsys):
+    from jobs.build_index import main
+
+    for argv, msg in ((["--shards", "0"], "--shards must be >= 1"),
+                      (["--shards", "2", "--kind", "flat"], "ivfpq-refine indexes only"),
+                      (["--part-vectors", "10"], "needs --shards"),
+                      (["--shards", "2", "--merge", "ondisk"], "--merge ondisk"),
+                      (["--out", "s3://bucket/index"], "needs --shards or --streaming")):
+        args = ["--data", "/nonexistent", "--out", "/tmp/never", *argv] if "--out" not in argv else ["--data", "/x", *argv]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
