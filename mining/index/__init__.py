@@ -10,6 +10,14 @@ Public API::
 
 Kinds: flat, hnsw (HNSW32), ivfpq (OPQ+IVF+8-bit PQ), ivfpq-refine (OPQ+IVF+4-bit fast-scan PQ
 candidates re-ranked by faiss.IndexRefine with the exact float16 vectors), sq8.  Sizing rules: :mod:`mining.index.sizing`.  See docs/index.md.
+
+Sharded versions (issue 18; ``build_index(..., shards=S)``, :mod:`mining.index.layout`, :mod:`mining.index.stream`):
+a version is a list of immutable shards **by date range**, not by patch_id hash: a night's data is a new
+shard, so nightly adds never rewrite (re-upload, re-fetch) old shards; small old shards are merged on a
+schedule by the compaction policy (``compaction_plan``, ``update_index(compact=...)``).  Every query asks
+every shard, so unequal shard sizes cost balance, not correctness; all shards share one set of trained
+codebooks, so sharded recall at equal parameters is never below the single index's.  The in-memory
+(single-index) build stays the default for small stores (flat/hnsw/sq8 kinds, uniqueness.parquet).
 """
 from mining.index.build import build_index, sample_vectors, update_index
 from mining.index.publish import current_version, drop_version, list_versions
