@@ -10,6 +10,12 @@ The actor is created with ``get_if_exists=True`` (a second start returns the run
 dies; the restart reloads the CURRENT index version). It asks for one GPU when the cluster has
 GPUs (``--num-gpus`` overrides) and falls back to CPU when torch sees none. CLIP defaults to the
 model recorded in the index manifest. Prints the actor's ``health()`` as one JSON line.
+
+A sharded index version is served by shard actors that the query actor (the router) starts and
+owns: one per ``--shards-per-actor`` shards (default 1), ``--shard-cpus`` CPUs each, shards of an
+``s3://`` root fetched into ``--cache-dir``; a query that a shard actor cannot answer within
+``--shard-timeout`` seconds fails with one line (see ``mining.query.shards``). Bad settings exit 2
+with one line on stderr.
 """
 from __future__ import annotations
 
@@ -38,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=8, help="concurrent queries in the actor")
     p.add_argument("--faiss-threads", type=int, default=1,
                    help="OpenMP threads in the actor (FAISS and the torch CPU towers share them; default 1)")
+    p.add_argument("--shards-per-actor", type=int, default=1,
+                   help="sharded index versions: shards served by each shard actor (default 1: one actor per shard)")
+    p.add_argument("--shard-cpus", type=float, default=1.0, help="CPUs reserved per shard actor (default 1)")
+    p.add_argument("--cache-dir", default=None,
+                   help="local cache for the shards of an s3:// index root (default $MINING_INDEX_CACHE or "
+                        "/tmp/mining-index-cache, per root)")
+    p.add_argument("--shard-timeout", type=float, default=30.0,
+                   help="seconds a query waits for every shard actor before failing with one line (default 30)")
     p.add_argument("--name", default=None, help="actor name (default rare-object-query)")
     p.add_argument("--namespace", default=None, help="namespace (default mining)")
     return p
@@ -52,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                        clip_random_init=args.clip_random_init, allowed_prefixes=args.allow_prefix, k_cap=args.k_cap,
                        dedup_overlap=args.overlap, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
-                       max_concurrency=args.max_concurrency, faiss_threads=args.faiss_threads)
+                       max_concurrency=args.max_concurrency, faiss_threads=args.faiss_threads,
+                       shards_per_actor=args.shards_per_actor, shard_cpus=args.shard_cpus, cache_dir=args.cache_dir,
+                       shard_timeout_s=args.shard_timeout)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,15 @@ nightly job (which calls :meth:`QueryActor.reload`).
   and :meth:`reload` loads the new version in its own thread and swaps it in atomically while the
   in-flight queries finish on the old one.
 - ``num_gpus``: 1 when the cluster has GPUs (override with ``num_gpus=``), else 0.
+- **Router over shard actors** (issue 18): the engine is a :class:`mining.query.router.RouterEngine`.
+  A sharded index version is served by shard actors the query actor starts and owns (one per
+  ``shards_per_actor`` shards, each memory-mapping its shards, fetched from an ``s3://`` root into
+  a local cache); it encodes a query once, merges the actors' top-k by score and applies the
+  filters, re-rank and dedup itself. A reload starts the new version's actors before the atomic
+  swap and releases the old ones when their last query ends; every query runs pinned to one
+  version. A dead shard actor is restarted by Ray, and queries that need it meanwhile fail with a
+  one-line :class:`mining.query.shards.ShardUnavailableError` (no partial results). Legacy
+  single-index versions are served in-process, as before.
 
 Bad queries raise :class:`mining.query.QueryError` inside the actor; Ray re-raises it at the caller
 (``ray.get`` raises an exception that is both a ``RayTaskError`` and a ``QueryError``) and the
@@ -42,6 +51,8 @@ class QueryActor:
 
     Args:
         index_root: index directory (local or s3://), ``CURRENT`` names the version to load.
+        shards_per_actor / shard_cpus / cache_dir / shard_timeout_s: how sharded versions are served
+            (:class:`mining.query.shards.ServingConfig`).
         clip_model / clip_pretrained / clip_random_init: CLIP override; default = the manifest's model.
         allowed_prefixes: URI prefixes image queries may read (default: none, bytes only).
         k_cap: largest k. dedup_overlap: see ``QueryConfig``. device: torch device or None (auto).
@@ -51,11 +62,15 @@ class QueryActor:
 
     def __init__(self, index_root: str, clip_model: str | None = None, clip_pretrained: str | None = None,
                  clip_random_init: bool = False, allowed_prefixes: Sequence[str] = (), k_cap: int = 1000,
-                 dedup_overlap: float | None = 0.0, device: str | None = None, faiss_threads: int | None = 1):
+                 dedup_overlap: float | None = 0.0, device: str | None = None, faiss_threads: int | None = 1,
+                 shards_per_actor: int = 1, shard_cpus: float = 1.0, cache_dir: str | None = None,
+                 shard_timeout_s: float = 30.0):
         import ray
 
         from mining.embed import ClipSpec
-        from mining.query import QueryConfig, QueryEngine
+        from mining.query import QueryConfig
+        from mining.query.router import RouterEngine
+        from mining.query.shards import ServingConfig
 
         logging.basicConfig(level=logging.INFO)
         t0 = time.perf_counter()
@@ -71,7 +86,9 @@ class QueryActor:
             clip = ClipSpec(clip_model, None, True) if clip_random_init else ClipSpec(clip_model, clip_pretrained)
         cfg = QueryConfig(k_cap=int(k_cap), allowed_prefixes=tuple(allowed_prefixes or ()),
                           dedup_overlap=dedup_overlap)
-        self.engine = QueryEngine(index_root, clip=clip, device=device, config=cfg)
+        serving = ServingConfig(shards_per_actor=int(shards_per_actor), shard_cpus=float(shard_cpus),
+                                cache_dir=cache_dir, timeout_s=float(shard_timeout_s), faiss_threads=faiss_threads)
+        self.engine = RouterEngine(index_root, serving=serving, clip=clip, device=device, config=cfg)
         self.started_at = time.time()
         self.load_s = time.perf_counter() - t0
         self._lock = threading.Lock()
@@ -98,7 +115,8 @@ class QueryActor:
         with self._lock:
             self.in_flight += 1
         try:
-            out = fn(*args, **kwargs)
+            with self.engine.pinned():  # the whole query on one index version
+                out = fn(*args, **kwargs)
             with self._lock:
                 self.served += 1
             return out
@@ -167,13 +185,15 @@ class QueryActor:
 
     def health(self) -> dict:
         """Liveness + state: version, ntotal, dim, model, device, gpu_ids, served, errors, in_flight,
-        reloads, restarted (True after a restart by Ray), pid, host, uptime_s, cache counters."""
+        reloads, restarted (True after a restart by Ray), pid, host, uptime_s, cache counters, and
+        ``serving`` (layout, shard actors' health: pid, shards, restarted; see RouterEngine.serving_info)."""
         s = self.engine.stats()
         return {"ok": True, "index_root": self.index_root, **s, "gpu_ids": self.gpu_ids, "served": self.served,
                 "errors": self.errors, "in_flight": self.in_flight, "reloads": self.reloads,
                 "restarted": self.restarted, "pid": os.getpid(), "host": socket.gethostname(),
                 "uptime_s": round(time.time() - self.started_at, 1), "load_s": round(self.load_s, 2),
-                "k_cap": self.engine.config.k_cap, "allowed_prefixes": list(self.engine.config.allowed_prefixes)}
+                "k_cap": self.engine.config.k_cap, "allowed_prefixes": list(self.engine.config.allowed_prefixes),
+                "serving": self.engine.serving_info()}
 
 
 # --------------------------------------------------------------------------- helpers for drivers
@@ -189,12 +209,14 @@ def start_actor(index_root: str, *, clip_model: str | None = None, clip_pretrain
                 clip_random_init: bool = False, allowed_prefixes: Sequence[str] = (), k_cap: int = 1000,
                 dedup_overlap: float | None = 0.0, num_gpus: float | None = None, num_cpus: float = 1,
                 max_concurrency: int = DEFAULT_MAX_CONCURRENCY, faiss_threads: int | None = 1,
-                name: str = ACTOR_NAME,
+                shards_per_actor: int = 1, shard_cpus: float = 1.0, cache_dir: str | None = None,
+                shard_timeout_s: float = 30.0, name: str = ACTOR_NAME,
                 namespace: str = NAMESPACE, wait_s: float = 600):
     """Get or create the named detached query actor and wait until it answers ``health()``.
 
     Must be called with ``ray.init`` done (any namespace). ``num_gpus`` None = 1 when the cluster
-    has GPUs, else 0 (the actor falls back to CPU when torch sees no CUDA device).
+    has GPUs, else 0 (the actor falls back to CPU when torch sees no CUDA device). ``shards_per_actor``,
+    ``shard_cpus``, ``cache_dir``, ``shard_timeout_s``: how it serves sharded versions (its shard actors).
 
     Returns:
         (actor handle, health dict).
@@ -211,7 +233,7 @@ def start_actor(index_root: str, *, clip_model: str | None = None, clip_pretrain
                         max_restarts=-1, max_task_retries=3, max_concurrency=int(max_concurrency),
                         num_gpus=num_gpus, num_cpus=num_cpus).remote(
         index_root, clip_model, clip_pretrained, clip_random_init, list(allowed_prefixes), k_cap, dedup_overlap,
-        None, faiss_threads)
+        None, faiss_threads, shards_per_actor, shard_cpus, cache_dir, shard_timeout_s)
     health = ray.get(actor.health.remote(), timeout=wait_s)
     return actor, health
 

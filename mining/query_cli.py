@@ -3,7 +3,7 @@ process (``--index``) or through the running query actor (``--address``), print 
 them (:func:`mining.export.export_hits`).
 
 Exit codes of :func:`run_query`: 0 ok, 2 bad query or settings (one line on stderr), 3 actor / index
-not found.
+not found, or a shard actor unavailable (restarting; one line, retry).
 """
 from __future__ import annotations
 
@@ -187,7 +187,11 @@ def run_query(args: argparse.Namespace) -> int:
 
         qe = user_error(e)  # QueryError / WeightsError ... through ray:// and jobs (RayTaskError.cause)
         if qe is None:
-            raise
+            down = _shard_unavailable(e)
+            if down is None:
+                raise
+            print(f"error: {down}", file=sys.stderr)
+            return 3
         print(f"error: bad query: {qe}" if type(qe).__name__ == "QueryError" else f"error: {qe}", file=sys.stderr)
         return 2
     from mining.query import query_info, timings_of
@@ -291,6 +295,35 @@ def _run_actor(args, method, pargs, kw):
 
 
 
+def _shard_unavailable(e: BaseException) -> BaseException | None:
+    """The :class:`mining.query.shards.ShardUnavailableError` a (Ray-wrapped) exception carries, else None."""
+    from mining.query.shards import ShardUnavailableError
+
+    for _ in range(8):
+        cause = getattr(e, "cause", None)  # RayTaskError(.cause): the original exception
+        if not isinstance(cause, BaseException) or cause is e:
+            break
+        e = cause
+    return e if isinstance(e, ShardUnavailableError) else None
+
+
+def _serving_error(kw: dict) -> str | None:
+    """One-line message for an unusable serving setting of ``serve_query``, else None."""
+    from mining.query.shards import ServingConfig
+
+    for key, flag in (("max_concurrency", "--max-concurrency"), ("k_cap", "--k-cap")):
+        if kw.get(key) is not None and kw[key] < 1:
+            return f"{flag} must be >= 1, got {kw[key]}"
+    if kw.get("num_cpus") is not None and not kw["num_cpus"] >= 0:
+        return f"--num-cpus must be >= 0, got {kw['num_cpus']}"
+    try:
+        ServingConfig(shards_per_actor=kw.get("shards_per_actor", 1), shard_cpus=kw.get("shard_cpus", 1.0),
+                      cache_dir=kw.get("cache_dir"), timeout_s=kw.get("shard_timeout_s", 30.0)).check()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def serve_query(address: str | None, *, action: str = "start", index: str | None = None, name: str | None = None,
                 namespace: str | None = None, **start_kwargs) -> int:
     """What ``python -m jobs.serve_query`` does: start (or get) the named detached query actor, or
@@ -301,7 +334,7 @@ def serve_query(address: str | None, *, action: str = "start", index: str | None
         index: index root (local or s3://); required to start.
         start_kwargs: the keyword arguments of :func:`mining.query_actor.start_actor`.
     Returns:
-        the exit code: 0 ok, 2 no ``index`` to start, 3 no running actor (reload / health).
+        the exit code: 0 ok, 2 no ``index`` to start or a bad setting, 3 no running actor (reload / health).
     """
     import ray
 
@@ -309,6 +342,11 @@ def serve_query(address: str | None, *, action: str = "start", index: str | None
     from mining.query_actor import ACTOR_NAME, NAMESPACE, get_actor, start_actor, stop_actor
 
     name, ns = name or ACTOR_NAME, namespace or NAMESPACE
+    if action == "start":
+        bad = _serving_error(start_kwargs)
+        if bad:
+            print(f"error: {bad}", file=sys.stderr)
+            return 2
     connect(address, namespace=ns)
     try:
         if action == "stop":

@@ -183,6 +183,38 @@ def test_novel_query_through_the_actor(served, tmp_path):
         assert (out / f).exists(), f
 
 
+def reload_under_stream(actor, one_round, warm_s: float = 1.0) -> tuple[dict, list, int]:
+    """``actor.reload()`` while a thread keeps calling ``one_round()`` (-> list of result tables).
+
+    Returns (the reload reply, every result in order, how many came before the reload). Fails the
+    test when any query raised (none may be lost)."""
+    import ray
+
+    results, errors = [], []
+    stop = threading.Event()
+
+    def stream():
+        while not stop.is_set():
+            try:
+                results.extend(one_round())
+            except Exception as e:  # any lost query fails the test
+                errors.append(e)
+                return
+
+    th = threading.Thread(target=stream)
+    th.start()
+    try:
+        time.sleep(warm_s)
+        n_before = len(results)
+        rel = ray.get(actor.reload.remote(), timeout=300)
+        time.sleep(warm_s)
+    finally:
+        stop.set()
+        th.join(timeout=300)
+    assert not errors, errors[:3]
+    return rel, results, n_before
+
+
 def test_reload_during_query_stream_loses_none(served):
     import ray
     from PIL import Image
@@ -214,29 +246,8 @@ def test_reload_during_query_stream_loses_none(served):
         warnings.simplefilter("ignore")
         build_index(qd.data, qd.index, kind="flat", use_ray=False, verbose=False)
 
-    results, errors = [], []
-    stop = threading.Event()
-
-    def stream():
-        while not stop.is_set():
-            refs = [actor.embedding.remote(z[0], 3) for _ in range(4)]
-            try:
-                results.extend(ray.get(refs, timeout=120))
-            except Exception as e:  # any lost query fails the test
-                errors.append(e)
-                return
-
-    th = threading.Thread(target=stream)
-    th.start()
-    try:
-        time.sleep(1.0)
-        n_before = len(results)
-        rel = ray.get(actor.reload.remote(), timeout=300)
-        time.sleep(1.0)
-    finally:
-        stop.set()
-        th.join(timeout=300)
-    assert not errors, errors
+    rel, results, n_before = reload_under_stream(
+        actor, lambda: ray.get([actor.embedding.remote(z[0], 3) for _ in range(4)], timeout=120))
     assert rel["swapped"] and rel["old"] == old and rel["new"] != old
     assert n_before > 0 and len(results) > n_before
     from mining.query import query_info

@@ -199,8 +199,9 @@ class QueryEngine(QueryEncoder):
         if index is None:
             if index_root is None:
                 raise ValueError("give index_root or index")
-            index = _open_index(index_root, version)
-        self._snap = IndexSnapshot(index, index_root)
+            self._snap = self._open_snapshot(version)
+        else:
+            self._snap = IndexSnapshot(index, index_root)
         self._warn_random(self._snap)
         self.embedder = embedder
         self.clip = clip
@@ -212,8 +213,15 @@ class QueryEngine(QueryEncoder):
     # ------------------------------------------------------------------ state
     @property
     def snapshot(self) -> IndexSnapshot:
-        """The index version new queries use (an in-flight query keeps the one it started with)."""
+        """The index version a query uses: the current one (an in-flight query keeps the one it
+        started with; a router returns the snapshot its query thread pinned)."""
         return self._snap
+
+    def _open_snapshot(self, version: str | None) -> IndexSnapshot:
+        """Open ``version`` (None = CURRENT) of ``index_root`` as a new snapshot, fully loaded.
+        The override point of a router (shard actors instead of in-process shards).
+        Raises FileNotFoundError / ValueError as :func:`mining.index.open_index`."""
+        return IndexSnapshot(_open_index(self.index_root, version), self.index_root)
 
     @property
     def version(self) -> str:
@@ -248,7 +256,7 @@ class QueryEngine(QueryEncoder):
         target = version or _current_version(self.index_root)
         if target is not None and target == old.version:
             return {"old": old.version, "new": old.version, "swapped": False, "load_s": 0.0}
-        snap = IndexSnapshot(_open_index(self.index_root, version), self.index_root)
+        snap = self._open_snapshot(target)
         if self._clip_arg is None:
             spec = spec_from_manifest(snap.manifest)
             if self.embedder is None or spec != self.embedder.spec:
@@ -322,7 +330,7 @@ class QueryEngine(QueryEncoder):
 
     def _run(self, q: EncodedQuery, k: int, filters: dict, dedup: bool, rerank: bool | None, timer: _Timer,
              t0: float) -> pa.Table:
-        snap = self._snap  # pinned for the whole query: a reload does not affect it
+        snap = self.snapshot  # pinned for the whole query: a reload does not affect it
         cpu0 = time.thread_time()
         if q.Q.shape[1] != snap.dim:
             raise QueryError(f"query embedding dim {q.Q.shape[1]} != index dim {snap.dim}")
@@ -361,7 +369,7 @@ class QueryEngine(QueryEncoder):
         t0, cpu0 = time.perf_counter(), time.thread_time()
         k = _check_k(k, self.config.k_cap)
         f = novel_filters(date_from, date_to, filters)
-        snap, timer = self._snap, _Timer()
+        snap, timer = self.snapshot, _Timer()
         tr = time.perf_counter()
         rows, scores, used = rarest_per_image(snap, k, f, by)
         timer.rerank_dedup_ms = (time.perf_counter() - tr) * 1e3
