@@ -12,7 +12,11 @@ the query actor (:mod:`mining.query_actor`). The package is split by concern:
 - :mod:`~mining.query.engine` -- :class:`QueryEngine`: search, filters, re-rank, dedup (and the
   seam where a router over shard actors plugs in);
 - :mod:`~mining.query.result` -- :data:`RESULT_SCHEMA`, the result table and its metadata,
-  :func:`dedup_per_image`, :func:`overlap_larger`, :func:`timings_of`, :func:`query_info`.
+  :func:`dedup_per_image`, :func:`overlap_larger`, :func:`timings_of`, :func:`query_info`;
+- :mod:`~mining.query.shards` -- shard actors and ``ShardSet`` (a sharded version served by them,
+  with the ``PatchIndex`` interface); :mod:`~mining.query.router` -- ``RouterEngine``, the engine of
+  the query actor: sharded versions through shard actors, atomic reload across shards (issue 18).
+  Not imported here (they need Ray).
 
 Everything that was importable from the former ``mining/query.py`` module is re-exported here.
 """
