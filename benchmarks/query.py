@@ -4,6 +4,7 @@
     nice -n 10 python benchmarks/query.py                         # 1M x 512 synthetic IVF index, ViT-B-16 towers
     nice -n 10 python benchmarks/query.py --n 200000 --clients 1  # smaller / quicker
     python benchmarks/query.py --index <index root>               # a real index built by jobs.build_index
+    nice -n 10 python benchmarks/query.py --router --n 200000 --shard-counts 1,4,8   # issue 18: see query_router.py
 
 What is measured: :class:`mining.query.QueryEngine` in this process (the code the query actor
 runs), called from 1 or 8 client threads. Each query reports its own split (``timings`` in the
@@ -204,6 +205,10 @@ def run_workload(fn, items, clients: int) -> dict:
 
 
 def main() -> int:
+    if "--router" in sys.argv[1:]:  # issue 18: through the router actor and its shard actors
+        from query_router import main as router_main
+
+        return router_main(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000, help="synthetic index size (vectors)")
     ap.add_argument("--nlist", type=int, default=4096)

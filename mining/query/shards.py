@@ -189,7 +189,7 @@ class ShardSet:
     Raises:
         ShardUnavailableError: an actor did not come up within ``config.start_timeout_s`` (its
             error, e.g. a missing shard, is in the message); the started actors are killed.
-        FileNotFoundError: a shard's metadata is missing.
+        FileNotFoundError: a shard's metadata is missing. ValueError: the manifest records no dim.
     """
 
     def __init__(self, root: str, version: str, manifest: dict, config: ServingConfig | None = None):
@@ -203,6 +203,9 @@ class ShardSet:
         self.path = None
         self.params: dict = {}
         self._normalize = core.normalize
+        self.dim = int(manifest.get("dim") or 0)
+        if not self.dim:
+            raise ValueError(f"index version {version} records no dim")
         self.groups = group_shards([s["id"] for s in manifest["shards"]], cfg.shards_per_actor)
         cls = ray.remote(ShardActor)
         opts = dict(max_restarts=-1, max_task_retries=0, num_cpus=cfg.shard_cpus, max_concurrency=8)
@@ -222,13 +225,10 @@ class ShardSet:
             self._ids = np.ascontiguousarray(ids[order], np.int64)
             self._owner = np.concatenate(owners)[order] if owners else np.zeros(0, np.int32)
             self.ntotal = len(self._ids)
-            self.dim = int(manifest.get("dim") or 0)
             self.started = self._get([a.health.remote() for a in self.actors], cfg.start_timeout_s, "start")
         except BaseException:
             self.close()
             raise
-        if not self.dim:
-            raise ValueError(f"version {version} records no dim")
 
     # ------------------------------------------------------------------ calls
     def _get(self, refs: list, timeout_s: float, what: str, groups: Sequence[int] | None = None) -> list:
