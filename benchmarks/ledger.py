@@ -288,6 +288,10 @@ def concurrency(root: str, env: dict, procs: int, shards: int) -> dict:
 def start_moto() -> tuple[object, dict]:
     from moto.server import ThreadedMotoServer
 
+    from tests.moto_atomic import atomic_conditional_puts
+
+    atomic_conditional_puts()      # moto's conditional PUT is check-then-put; S3's is atomic
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

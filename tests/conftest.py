@@ -99,8 +99,13 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-compatible server (moto's server mode) on 127.0.0.1; AWS_* env points at it."""
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1; AWS_* env points at it. Its
+    conditional PUTs are made atomic, as S3's are (``tests/moto_atomic.py``)."""
     from moto.server import ThreadedMotoServer
+
+    from tests.moto_atomic import atomic_conditional_puts
+
+    atomic_conditional_puts()
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -1,12 +1,11 @@
 """Faults around the Delta store (issue 15), on the real local Ray head and S3 server: a truncated tar
-later replaced by the full one, a transient 503 in the middle of a tar read, a run killed between the
-data write and the Delta commit, and a growing image folder. (The actor SIGKILL, driver SIGKILL + rerun
+later replaced by the full one, a transient 503 in the middle of a tar read and a growing image folder
+(one night of faults, three runs), and a run killed between the data write and the Delta commit. (The actor SIGKILL, driver SIGKILL + rerun
 equality and flaky-S3 tests live in tests/test_nightly.py and run on the Delta store too.)"""
 from __future__ import annotations
 
 import io
 import json
-import shutil
 import tarfile
 
 import pytest
@@ -46,28 +45,59 @@ def _unique(root: str) -> int:
 
 
 @pytest.mark.s3
-def test_truncated_tar_is_partial_then_remined_when_replaced(ray_head, s3_server):
+def test_a_night_of_faults_on_s3_truncated_tar_transient_503_growing_folder(ray_head, s3_server):
+    """Three scenarios share three mining runs (each run costs ~25 s of start-up here):
+
+    - ``a.tar`` is truncated (the third frame cut off): committed ``partial`` with the frames read and a
+      ``read`` error; not mined again while unchanged; re-mined as generation 2 when the full tar
+      arrives (new size + ETag), replacing generation 1 for plain Delta readers too;
+    - ``b.tar`` gets a 503 on its second 8 MiB range, twice (s3fs retries a range once): the read fails
+      mid-tar, the attempt fails, and the driver's next attempt reads the whole tar;
+    - loose images in the same folder grow from 3 to 5: the second run mines only the 2 new files.
+    """
     bucket = s3_server.make_bucket()
     fs, _ = get_fs(f"s3://{bucket}")
     full = _tar_bytes(3)
     fs.pipe(f"{bucket}/night/a.tar", full[: int(len(full) * 0.8)])    # the third frame is cut off
+    fs.pipe(f"{bucket}/night/b.tar", _tar_bytes(3, pad_bytes=9 << 20))
+    imgs = gtsdb_images(8)[3:]
+    for p in imgs[:3]:
+        fs.pipe(f"{bucket}/night/{p.name}", p.read_bytes())
     out = f"s3://{bucket}/out"
+    args = ["jobs.mine", "--input", f"s3://{bucket}/night", "--output", out, "--date", "2026-11-20", *TINY,
+            "--images-per-shard", "2", "--max-attempts", "3", "--json"]
+    b_mid_read = lambda method, path, headers: (method == "GET" and "b.tar" in path  # noqa: E731
+                                                and (headers.get("Range") or "bytes=0-").split("=")[1][:1] != "0")
+    with FlakyProxy(s3_server.endpoint, fail_every=1, only=b_mid_read, max_failures=2, body=UNAVAILABLE) as proxy:
+        env = {**s3_server.env, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ENDPOINT_URL_S3": proxy.endpoint,
+               "MINING_S3_RETRIES": "1", "RAY_ADDRESS": ray_head.address}
+        s1 = _summary(run_cli(args, env=env))
+        assert proxy.failed >= 1, (proxy.requests, proxy.failed)
     env = {"RAY_ADDRESS": ray_head.address}
-    args = ["jobs.mine", "--input", f"s3://{bucket}/night", "--output", out, "--date", "2026-11-20", *TINY, "--json"]
-    s1 = _summary(run_cli(args, env=env))
-    assert s1["shards_mined"] == 1 and s1["shards_failed"] == 0
-    (rec,) = read_ledger(out)
-    assert rec["status"] == "partial" and rec["gen"] == 1 and rec["num_images"] == 2, rec
-    assert any(e["stage"] == "read" for e in open_errors(out).to_table().to_pylist())
-    n_partial = _unique(out)
-    s2 = _summary(run_cli(args, env=env))                       # unchanged: not mined again
-    assert s2["shards_skipped"] == 1 and s2.get("shards_mined", 0) == 0
+    assert s1["shards_mined"] == 4 and s1["shards_failed"] == 0, s1        # a, b, 2 folder chunks
+    assert s1["attempts"].get(f"s3://{bucket}/night/b.tar", 1) >= 2, s1["attempts"]   # b's attempt failed, retried
+    recs = {r["shard"].rsplit("/", 1)[-1]: r for r in read_ledger(out)}
+    a = recs["a.tar"]
+    assert a["status"] == "partial" and a["gen"] == 1 and a["num_images"] == 2, a
+    b = recs["b.tar"]
+    assert b["status"] == "committed" and b["num_images"] == 3 and b["num_errors"] == 0, b
+    assert sum(r["num_images"] for k, r in recs.items() if "#" in k) == 3
+    assert any(e["stage"] == "read" and "a.tar" in e["uri"] for e in open_errors(out).to_table().to_pylist())
+    n1 = _unique(out)
+
+    s2 = _summary(run_cli(args, env=env))                       # unchanged: nothing mined again
+    # the two tars are planned and skipped; the folder's files are all in committed chunks, so no chunk is made
+    assert s2.get("shards_mined", 0) == 0 and s2["shards_total"] == s2["shards_skipped"] == 2, s2
+
     fs.pipe(f"{bucket}/night/a.tar", full)                      # the full tar arrives (new size + ETag)
+    for p in imgs[3:]:
+        fs.pipe(f"{bucket}/night/{p.name}", p.read_bytes())     # 2 more frames in the folder
     s3 = _summary(run_cli(args, env=env))
-    assert s3["shards_mined"] == 1
-    (rec,) = read_ledger(out)
-    assert rec["status"] == "committed" and rec["gen"] == 2 and rec["num_images"] == 3, rec
-    assert _unique(out) > n_partial and open_images(out).count_rows() == 3
+    assert s3["shards_mined"] == 2 and s3["images"] == 3 + 2, s3      # a (gen 2) + one chunk of the 2 new files
+    recs = {r["shard"].rsplit("/", 1)[-1]: r for r in read_ledger(out)}
+    a = recs["a.tar"]
+    assert a["status"] == "committed" and a["gen"] == 2 and a["num_images"] == 3, a
+    assert _unique(out) > n1 and open_images(out).count_rows() == 3 + 3 + 5
     assert not [e for e in open_errors(out).to_table().to_pylist() if e["stage"] == "read"]
     from deltalake import DeltaTable
 
@@ -75,28 +105,6 @@ def test_truncated_tar_is_partial_then_remined_when_replaced(ray_head, s3_server
 
     plain = DeltaTable(table_uri(out, "patches"), storage_options=delta_storage_options(out)).to_pyarrow_dataset()
     assert plain.count_rows() == open_patches(out).count_rows()    # generation 1 was removed when published
-
-
-@pytest.mark.s3
-def test_transient_503_mid_tar_read_fails_the_attempt_not_the_shard(ray_head, s3_server):
-    bucket = s3_server.make_bucket()
-    fs, _ = get_fs(f"s3://{bucket}")
-    fs.pipe(f"{bucket}/night/a.tar", _tar_bytes(3, pad_bytes=9 << 20))
-    # 503 ServiceUnavailable on the second 8 MiB range of the tar, twice: s3fs retries a range once, so
-    # the read fails mid-tar, the attempt fails, and the driver's second attempt reads the whole tar
-    mid_read = lambda method, path, headers: (method == "GET" and ".tar" in path  # noqa: E731
-                                              and (headers.get("Range") or "bytes=0-").split("=")[1][:1] != "0")
-    with FlakyProxy(s3_server.endpoint, fail_every=1, only=mid_read, max_failures=2, body=UNAVAILABLE) as proxy:
-        env = {**s3_server.env, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ENDPOINT_URL_S3": proxy.endpoint,
-               "MINING_S3_RETRIES": "1", "RAY_ADDRESS": ray_head.address}
-        cp = run_cli(["jobs.mine", "--input", f"s3://{bucket}/night", "--output", f"s3://{bucket}/out", *TINY,
-                      "--max-attempts", "3", "--json"], env=env)
-        assert proxy.failed >= 1, (proxy.requests, proxy.failed)
-    s = _summary(cp)
-    assert s["shards_mined"] == 1 and s["shards_failed"] == 0
-    assert s["attempts"].get(f"s3://{bucket}/night/a.tar", 1) >= 2, s["attempts"]   # the attempt failed, was retried
-    (rec,) = read_ledger(f"s3://{bucket}/out")
-    assert rec["status"] == "committed" and rec["num_images"] == 3 and rec["num_errors"] == 0, rec
 
 
 def test_killed_between_data_write_and_commit(ray_head, tmp_path):
@@ -122,24 +130,3 @@ def test_killed_between_data_write_and_commit(ray_head, tmp_path):
     publish(out)
     dt = DeltaTable(table_uri(out, "patches"))
     assert len(dt.file_uris()) == 2 and dt.to_pyarrow_dataset().count_rows() == n
-
-
-def test_growing_image_folder_mines_only_new_files(ray_head, tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    imgs = gtsdb_images(5)
-    for p in imgs[:3]:
-        shutil.copy(p, folder / p.name)
-    out = str(tmp_path / "out")
-    args = ["jobs.mine", "--input", str(folder), "--output", out, *TINY, "--images-per-shard", "2", "--json"]
-    env = {"RAY_ADDRESS": ray_head.address}
-    s1 = _summary(run_cli(args, env=env))
-    assert s1["shards_mined"] == 2 and s1["images"] == 3
-    n1 = _unique(out)
-    for p in imgs[3:]:
-        shutil.copy(p, folder / p.name)
-    s2 = _summary(run_cli(args, env=env))
-    assert s2["shards_mined"] == 1 and s2["images"] == 2, s2          # only the 2 new files
-    assert _unique(out) > n1 and open_images(out).count_rows() == 5
-    s3 = _summary(run_cli(args, env=env))
-    assert s3.get("shards_mined", 0) == 0
