@@ -28,8 +28,11 @@ the filters, dedup and re-rank here). Every encoded query goes
 :func:`ranked_candidates`, whose loop has two halves:
 
 - ``search(Q, fetch) -> (D, I)``: the ANN search for candidate (score, patch_id) rows, (q, fetch)
-  each. Here it is :meth:`QueryEngine._search` (the local index); a router overrides that method
-  with "ask every shard for its top ``fetch`` and merge by score" -- the rest is unchanged.
+  each. Here it is :meth:`QueryEngine._search` (the snapshot's index). The router
+  (:mod:`mining.query.router`) does not override it: its snapshots' index is a
+  :class:`~mining.query.shards.ShardSet` whose ``search`` asks every shard actor for its top
+  ``fetch`` and merges by score, so the campaign and novel paths, which call the index directly,
+  go through the actors too -- the rest is unchanged.
 - :func:`rank_hits`: candidate ids + index scores -> metadata rows, filters, scoring
   (:func:`make_scorer`: exact re-rank and multi-example combination through a ``vectors(ids)``
   callable), ordering and dedup; then :meth:`QueryEngine._finish` builds the result table.
