@@ -39,27 +39,50 @@ def _tar_night(dirpath, n_shards=3, per_shard=1, offset=0):
     return str(dirpath)
 
 
-def test_nightly_is_idempotent_and_reproducible(ray_head, tmp_path):
-    night = _tar_night(tmp_path / "in", n_shards=2)
+def test_nightly_idempotent_and_driver_killed_rerun_equals_uninterrupted(ray_head, tmp_path):
+    """One input, two roots, four runs (each costs ~25 s of start-up, so the two checks share them):
+
+    - ``a``: an uninterrupted ``jobs.nightly``, then the same again: "nothing to do";
+    - ``b``: ``jobs.mine`` whose driver is SIGKILLed after its first commit, then rerun: the committed
+      shards are skipped, the rest mined;
+    - ``a`` and ``b`` are equal row by row (embeddings included): reproducible, and the kill lost and
+      duplicated nothing.
+    """
+    night = _tar_night(tmp_path / "in", n_shards=4, per_shard=1)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     env = {"RAY_ADDRESS": ray_head.address}
     cp1 = run_cli(["jobs.nightly", "--input", night, "--output", a, "--date", "2026-11-20", *TINY], env=env)
-    assert "night 2026-11-20: 2 new shards" in cp1.stdout
+    assert "night 2026-11-20: 4 new shards" in cp1.stdout
     cp2 = run_cli(["jobs.nightly", "--input", night, "--output", a, "--date", "2026-11-20", *TINY], env=env)
     assert "nothing to do" in cp2.stdout
-    assert len(read_ledger(a)) == 2
-    run_cli(["jobs.nightly", "--input", night, "--output", b, "--date", "2026-11-20", *TINY], env=env)
+    assert len(read_ledger(a)) == 4
+    imgs = open_images(a).to_table()
+    assert imgs.num_rows == 4 and set(imgs["metadata"].to_pylist()) == {'{"camera": "front"}'}
+    parts = sorted(p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a" / "patches").rglob("*.parquet")
+                   if "_delta_log" not in p.parts)
+    assert len(parts) == 4 and all(p.startswith("patches/2026-11-20/shard-000") for p in parts), parts
+
+    penv = dict(os.environ, RAY_ADDRESS=ray_head.address, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO))
+    args = ["--input", night, "--date", "2026-11-20", *TINY]
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.mine", "--output", b, *args], cwd=REPO, env=penv,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(read_ledger(b)) < 1:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_before = len(read_ledger(b))
+    assert 1 <= n_before < 4, "the driver should have been killed mid-run"
+    cp = run_cli(["jobs.mine", "--output", b, *args], env=env)
+    assert f"{n_before} skipped" in cp.stdout
+    assert len(read_ledger(b)) == 4
     ta, tb = _patches(a), _patches(b)
     assert ta.num_rows > 0 and ta.equals(tb)  # row by row, embeddings included
     assert len(set(ta["patch_id"].to_pylist())) == ta.num_rows
-    imgs = open_images(a).to_table()
-    assert imgs.num_rows == 2 and set(imgs["metadata"].to_pylist()) == {'{"camera": "front"}'}
-    parts = sorted(p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a" / "patches").rglob("*.parquet")
-                   if "_delta_log" not in p.parts)
-    assert len(parts) == 2 and all(p.startswith("patches/2026-11-20/shard-000") for p in parts), parts
-    from deltalake import DeltaTable   # the run published them: plain Delta readers see the same rows
+    from deltalake import DeltaTable   # the runs published them: plain Delta readers see the same rows
 
     assert DeltaTable(str(tmp_path / "a" / "patches")).to_pyarrow_dataset().count_rows() == ta.num_rows
+    assert DeltaTable(str(tmp_path / "b" / "patches")).to_pyarrow_dataset().count_rows() == ta.num_rows
 
 
 def test_actor_killed_mid_shard_is_retried_without_duplicates(ray_head, tmp_path):
@@ -101,27 +124,6 @@ def test_actor_killed_mid_shard_is_retried_without_duplicates(ray_head, tmp_path
     assert t.num_rows == sum(r["num_patches"] for r in recs)
     assert len(set(t["patch_id"].to_pylist())) == t.num_rows
     assert open_images(out).to_table().num_rows == 12
-
-
-def test_driver_killed_mid_run_then_rerun_equals_uninterrupted(ray_head, tmp_path):
-    night = _tar_night(tmp_path / "in", n_shards=4, per_shard=1)
-    killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
-    env = dict(os.environ, RAY_ADDRESS=ray_head.address, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO))
-    args = ["--input", night, "--date", "2026-11-20", *TINY]
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.mine", "--output", killed, *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(read_ledger(killed)) < 1:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    n_before = len(read_ledger(killed))
-    assert 1 <= n_before < 4, "the driver should have been killed mid-run"
-    cp = run_cli(["jobs.mine", "--output", killed, *args], env={"RAY_ADDRESS": ray_head.address})
-    assert f"{n_before} skipped" in cp.stdout
-    run_cli(["jobs.mine", "--output", clean, *args], env={"RAY_ADDRESS": ray_head.address})
-    assert _patches(killed).equals(_patches(clean))
-    assert len(read_ledger(killed)) == 4
 
 
 @pytest.mark.s3
