@@ -122,3 +122,25 @@ def fail(exc: BaseException) -> int:
     msg = str(ue if ue is not None else exc).strip().splitlines()
     print(f"error: {msg[0] if msg else type(exc).__name__}", file=sys.stderr, flush=True)
     return 2
+
+
+def exit_process(code) -> None:
+    """Flush stdout / stderr / logging, then leave with ``code`` (``main()``'s return: int, or None = 0),
+    skipping the interpreter's finalisation (``os._exit``).
+
+    Why: a finished ``jobs.feedback`` run, its output printed and its files closed, was once killed by
+    SIGABRT at interpreter exit ("terminate called without an active exception": a native thread pool
+    -- torch / faiss OpenMP / pyarrow -- torn down under a running thread), so a successful command exited
+    -6 (tests/test_feedback.py, one of about five full runs). Used by the local, non-Ray CLIs
+    (``jobs.feedback``, ``jobs.query``); their outputs are written and closed before ``main`` returns.
+    """
+    import os
+
+    rc = 0 if code is None else code if isinstance(code, int) else 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(rc)

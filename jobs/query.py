@@ -36,7 +36,6 @@ Thin CLI: parses the arguments; :func:`mining.query_cli.run_query` does the rest
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 
 
@@ -115,4 +114,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs._common import exit_process
+
+    exit_process(main())

@@ -256,22 +256,25 @@ def test_the_s3_server_conditional_put_lets_exactly_one_writer_win(s3_server):
     tests/moto_atomic.py closes, is rare: 0 double winners in 3 x 20 keys unpatched here; this checks the
     semantics the store depends on, e.g. against a server that ignores the header.)"""
     import threading
-    import urllib.error
-    import urllib.request
+
+    import boto3
+    from botocore.exceptions import ClientError
 
     bucket = s3_server.make_bucket()
-    wins: dict[str, int] = {}
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1",
+                          aws_access_key_id=s3_server.env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=s3_server.env["AWS_SECRET_ACCESS_KEY"])
+    outcomes: dict[str, list] = {}
     lock = threading.Lock()
 
     def put(key: str, body: bytes):
-        req = urllib.request.Request(f"{s3_server.endpoint}/{bucket}/{key}", data=body, method="PUT",
-                                     headers={"If-None-Match": "*"})
         try:
-            urllib.request.urlopen(req).read()
-            with lock:
-                wins[key] = wins.get(key, 0) + 1
-        except urllib.error.HTTPError as e:
-            assert e.code == 412, e.code
+            client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+            got = 200
+        except ClientError as e:
+            got = e.response["ResponseMetadata"]["HTTPStatusCode"]
+        with lock:
+            outcomes.setdefault(key, []).append(got)
 
     threads = [threading.Thread(target=put, args=(f"_delta_log/{k:020d}.json", f"w{w}".encode()))
                for k in range(20) for w in range(16)]
@@ -279,4 +282,6 @@ def test_the_s3_server_conditional_put_lets_exactly_one_writer_win(s3_server):
         t.start()
     for t in threads:
         t.join()
-    assert wins == {f"_delta_log/{k:020d}.json": 1 for k in range(20)}
+    assert len(outcomes) == 20
+    for key, codes in outcomes.items():        # one winner, and every loser told so (412), per key
+        assert sorted(codes) == [200] + [412] * 15, (key, codes)
