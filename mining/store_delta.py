@@ -160,6 +160,14 @@ def _has_month(dt) -> bool:
     return SHARDS_PARTITION in dt.metadata().partition_columns
 
 
+def _lost_race(uri: str, sleep_s: float) -> None:
+    """After a Delta commit lost a race (``CommitFailedError``): count the retry, drop the cached table so
+    the next try reloads the winner's snapshot, and back off ``sleep_s`` seconds."""
+    COMMIT_STATS["retries"] += 1
+    _TABLE_CACHE.pop(uri, None)
+    time.sleep(sleep_s)
+
+
 def _commit_once(uri: str, opts, key: str, gen: int, do_commit) -> bool:
     """Run ``do_commit(dt)`` unless the table already holds app transaction ``(app_id(key), >= gen)``.
 
@@ -181,9 +189,7 @@ def _commit_once(uri: str, opts, key: str, gen: int, do_commit) -> bool:
             COMMIT_STATS["commits"] += 1
             return True
         except CommitFailedError:
-            COMMIT_STATS["retries"] += 1
-            _TABLE_CACHE.pop(uri, None)
-            time.sleep(min(2.0, 0.02 * 2 ** min(attempt, 6)) * random.random())
+            _lost_race(uri, min(2.0, 0.02 * 2 ** min(attempt, 6)) * random.random())
     raise RuntimeError(f"gave up committing shard {key} gen {gen} to {uri} after {_MAX_COMMIT_TRIES} tries")
 
 
@@ -314,9 +320,7 @@ def publish(root: str, *, tables: Sequence[str] = TABLES, batch: int = 5000, mon
                     COMMIT_STATS["commits"] += 1
                 break
             except CommitFailedError:
-                COMMIT_STATS["retries"] += 1
-                _TABLE_CACHE.pop(uri, None)
-                time.sleep(0.05 * (tries + 1))
+                _lost_race(uri, 0.05 * (tries + 1))
         out[table] = added
     return out
 
@@ -452,9 +456,7 @@ def compact_shards_table(root: str, *, months: Sequence[str] | None = None, min_
                 COMMIT_STATS["commits"] += 1
                 break
             except CommitFailedError:
-                COMMIT_STATS["retries"] += 1
-                _TABLE_CACHE.pop(uri, None)
-                time.sleep(0.05 * (attempt + 1))
+                _lost_race(uri, 0.05 * (attempt + 1))
     if todo:
         # a checkpoint now: the next process loads one small Parquet snapshot (live files, unexpired
         # txns), not the log tail since delta-rs' last periodic checkpoint
