@@ -258,14 +258,33 @@ def merge_topk(s1, i1, s2, i2, k: int):
     return np.take_along_axis(s, order, 1).astype(np.float32), np.take_along_axis(i, order, 1)
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean |found[:, :k] ∩ truth[:, :k]| / |truth[:, :k] valid| over queries (ids; -1 ignored)."""
+def per_query_recall(found: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+    """|found[q, :k] ∩ truth[q, :k]| / |truth[q, :k] valid| per query: float64 (Q',), queries with no valid truth left out."""
     r = []
     for f, t in zip(found[:, :k], truth[:, :k]):
         t = set(t[t >= 0].tolist())
         if t:
             r.append(len(t & set(f.tolist())) / len(t))
-    return float(np.mean(r)) if r else 1.0
+    return np.asarray(r, dtype=np.float64)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean |found[:, :k] ∩ truth[:, :k]| / |truth[:, :k] valid| over queries (ids; -1 ignored)."""
+    r = per_query_recall(found, truth, k)
+    return float(r.mean()) if len(r) else 1.0
+
+
+def recall_lower_bound(per_query: np.ndarray, z: float = 1.645, margin: float = 0.0) -> float:
+    """One-sided lower confidence bound of the mean recall: mean - max(margin, z * std / sqrt(Q)).
+
+    The tuning queries are a sample; the recall that other queries see is the population mean.
+    z = 1.645 is the normal 95% one-sided quantile (central limit over Q >= ~30 queries). An empty
+    sample gives 1.0 (nothing to miss).
+    """
+    if len(per_query) == 0:
+        return 1.0
+    se = float(per_query.std(ddof=1)) / np.sqrt(len(per_query)) if len(per_query) > 1 else 0.0
+    return float(per_query.mean()) - max(margin, z * se)
 
 
 # --------------------------------------------------------------------------- re-rank
@@ -341,8 +360,12 @@ def tune(
     """Cheapest search parameters reaching ``recall_target`` (recall@k against ``truth`` ids).
 
     ``search_fn(queries, k, params) -> ids (Q, k)`` runs the real search path (with re-rank).
-    The tuning queries must reach ``recall_target + margin`` (sampling noise: with 200 tuning
-    queries tuned exactly to 0.95, 200 other queries measured 0.935-0.945 here).
+    The tuning queries are a sample, so a setting counts as reaching the target when the one-sided
+    95% lower confidence bound of its mean recall does (:func:`recall_lower_bound`: mean minus
+    max(``margin``, 1.645 standard errors)). A fixed margin alone was too thin: at 1M vectors the
+    tuning queries measured 0.9558 against a 0.955 goal and 200 held-out queries 0.9416
+    (benchmarks/RESULTS.md, issue 18); the per-query spread there gives a standard error of
+    about 0.006.
 
     - IVF (ivfpq): the smallest nprobe (powers of two up to nlist) that reaches it.
     - ivfpq-refine: for each nprobe, the smallest k_factor in :data:`K_FACTORS` that reaches it;
@@ -358,7 +381,7 @@ def tune(
     """
     if kind in ("flat", "sq8"):
         return {}, recall_at_k(search_fn(queries, k, {}), truth, k)
-    goal = min(1.0, recall_target + margin)
+    goal = min(1.0, recall_target)
     if kind == "hnsw":
         outer = [[{"efSearch": e}] for e in (16, 32, 64, 128, 256, 512, 1024) if e >= k]
     else:
@@ -371,11 +394,13 @@ def tune(
     steps_after_hit = -1  # outer steps since the first hit
     for inner in outer:
         for params in inner:  # cheapest first: stop at the first that reaches the goal
-            r = recall_at_k(search_fn(queries, k, params), truth, k)
+            pq = per_query_recall(search_fn(queries, k, params), truth, k)
+            r = float(pq.mean()) if len(pq) else 1.0
+            lcb = min(r, recall_lower_bound(pq, margin=margin))
             tried.append((params, r))
             best = max(best, r)
-            log.info("tune %s %s recall@%d=%.4f", kind, params, k, r)
-            if r >= goal:
+            log.info("tune %s %s recall@%d=%.4f (95%% lower bound %.4f)", kind, params, k, r, lcb)
+            if lcb >= goal:
                 hits.append((params, r))
                 break
         if hits:
