@@ -9,6 +9,10 @@ three ``ivfpq-refine`` versions with 1, 4 and 8 date-range shards on the SAME tr
 (``mining.index.build_index(shards=1)``, then ``stream.build_sharded(shards=S, trained_id=...)``); each
 shard keeps its own tuned params. Built once, cached under ``--cache-dir``.
 
+With ``--index-root ROOT --store STORE`` the versions already in ROOT are served instead (the newest
+sharded version per S; e.g. the 5M versions of ``benchmarks/index.py --shards 1,4,8 --keep``), the
+queries' exact truth streamed over STORE; ``--n`` is then only a label.
+
 Serving: ``mining.query_actor.start_actor`` on a local ``ray.init(num_cpus=2)`` (the router, CLIP
 ViT-B-16 random-init towers for the 512-d space) with one shard actor per shard; the router moves
 between the versions with ``reload(version)`` (the nightly path). Queries are raw 512-d embeddings
@@ -85,6 +89,33 @@ def build_versions(n: int, dim: int, days: int, shard_counts: list[int], cache_d
     return root, versions, np.concatenate(xs), np.concatenate(ids)
 
 
+def existing_versions(root: str, store: str, shard_counts: list[int], queries: np.ndarray):
+    """``--index-root``/``--store`` mode: for each S, the newest sharded version of ``root`` with S shards
+    (e.g. the versions ``benchmarks/index.py --shards 1,4,8 --keep`` leaves), and the exact top-16 of
+    ``queries`` (Q, D) float32 over the store's committed patches, streamed in record batches (the store
+    is never held whole: 5M x 512 float32 would be 10 GB). Returns (root, {"S": version}, (Q, 16) int64 ids)."""
+    from mining.index import core, publish
+    from mining.store import embeddings_from_arrow, open_patches
+
+    versions = {}
+    for v in publish.list_versions(root):  # oldest first: later ones win
+        m = publish.read_manifest(root, v)
+        if m.get("layout") == "sharded" and len(m["shards"]) in shard_counts:
+            versions[str(len(m["shards"]))] = v
+    missing = [s for s in shard_counts if str(s) not in versions]
+    if missing:
+        raise SystemExit(f"error: {root} has no sharded version with {missing} shards")
+    t0 = time.perf_counter()
+    gs = gi = None
+    for b in open_patches(store).to_batches(columns=["patch_id", "embedding"], batch_size=200_000):
+        x = core.normalize(embeddings_from_arrow(b.column("embedding")).astype(np.float32))
+        s_, i_ = core.exact_topk(queries, x, b.column("patch_id").to_numpy().astype(np.int64), K)
+        gs, gi = (s_, i_) if gs is None else core.merge_topk(gs, gi, s_, i_, K)
+    print(f"exact top-{K} of {len(queries)} queries over {store} in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr, flush=True)
+    return root, versions, gi
+
+
 def run_router(args) -> int:
     """The router benchmark (see module doc); prints one line per workload and the JSON line last."""
     import ray
@@ -95,10 +126,17 @@ def run_router(args) -> int:
     from mining.query_actor import start_actor
 
     counts = [int(c) for c in args.shard_counts.split(",")]
-    root, versions, X, ids = build_versions(args.n, args.dim, args.days, counts, args.cache_dir)
     Q = ClusteredMixture(args.dim, seed=0).sample(args.queries + args.clients * args.queries_per_client + 64, seed=7)
     Q = core.normalize(Q)
-    truth = core.exact_topk(Q[:64], X, ids, K)[1]
+    if args.index_root:
+        root, versions, truth = existing_versions(args.index_root, args.store, counts, Q[:64])
+        from mining.index import publish
+
+        args.n = int(publish.read_manifest(root, versions[str(counts[0])])["n"])
+    else:
+        root, versions, X, ids = build_versions(args.n, args.dim, args.days, counts, args.cache_dir)
+        truth = core.exact_topk(Q[:64], X, ids, K)[1]
+        del X, ids
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING", namespace="mining")
     name = f"rare-object-query-bench-{os.getpid()}"
@@ -154,7 +192,7 @@ def run_router(args) -> int:
         except Exception:  # noqa: BLE001
             pass
         ray.shutdown()
-    print(json.dumps({"mode": "router", "n": args.n, "dim": args.dim, "k": K, "days": args.days,
+    print(json.dumps({"mode": "router", "n": args.n, "index_root": args.index_root, "dim": args.dim, "k": K, "days": args.days,
                       "clients": args.clients, "queries": args.queries, "queries_per_client": args.queries_per_client,
                       "cpus": os.cpu_count(), "load_avg_end": round(os.getloadavg()[0], 1), "results": results}))
     return 0
@@ -174,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=200, help="batch-1 sequential queries per S")
     ap.add_argument("--queries-per-client", type=int, default=25)
     ap.add_argument("--cache-dir", default="/tmp/mining-query-bench")
+    ap.add_argument("--index-root", default=None,
+                    help="serve this root's existing sharded versions (one per S) instead of building; needs --store")
+    ap.add_argument("--store", default=None, help="with --index-root: the store it was built from (for exact truth)")
     args = ap.parse_args(argv)
+    if bool(args.index_root) != bool(args.store):
+        ap.error("--index-root and --store go together")
     warnings.simplefilter("ignore")
     import logging
 
