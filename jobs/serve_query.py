@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "/tmp/mining-index-cache, per root)")
     p.add_argument("--shard-timeout", type=float, default=30.0,
                    help="seconds a query waits for every shard actor before failing with one line (default 30)")
+    p.add_argument("--no-prefault", action="store_true",
+                   help="shard actors do not read their refine files into the page cache before serving "
+                        "(default: they do, when the files fit in half the node's available memory)")
     p.add_argument("--name", default=None, help="actor name (default rare-object-query)")
     p.add_argument("--namespace", default=None, help="namespace (default mining)")
     return p
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                        dedup_overlap=args.overlap, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
                        max_concurrency=args.max_concurrency, faiss_threads=args.faiss_threads,
                        shards_per_actor=args.shards_per_actor, shard_cpus=args.shard_cpus, cache_dir=args.cache_dir,
-                       shard_timeout_s=args.shard_timeout)
+                       shard_timeout_s=args.shard_timeout, prefault=not args.no_prefault)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ class QueryActor:
 
     Args:
         index_root: index directory (local or s3://), ``CURRENT`` names the version to load.
-        shards_per_actor / shard_cpus / cache_dir / shard_timeout_s: how sharded versions are served
-            (:class:`mining.query.shards.ServingConfig`).
+        shards_per_actor / shard_cpus / cache_dir / shard_timeout_s / prefault: how sharded versions are
+            served (:class:`mining.query.shards.ServingConfig`).
         clip_model / clip_pretrained / clip_random_init: CLIP override; default = the manifest's model.
         allowed_prefixes: URI prefixes image queries may read (default: none, bytes only).
         k_cap: largest k. dedup_overlap: see ``QueryConfig``. device: torch device or None (auto).
@@ -64,7 +64,7 @@ class QueryActor:
                  clip_random_init: bool = False, allowed_prefixes: Sequence[str] = (), k_cap: int = 1000,
                  dedup_overlap: float | None = 0.0, device: str | None = None, faiss_threads: int | None = 1,
                  shards_per_actor: int = 1, shard_cpus: float = 1.0, cache_dir: str | None = None,
-                 shard_timeout_s: float = 30.0):
+                 shard_timeout_s: float = 30.0, prefault: bool = True):
         import ray
 
         from mining.embed import ClipSpec
@@ -87,7 +87,8 @@ class QueryActor:
         cfg = QueryConfig(k_cap=int(k_cap), allowed_prefixes=tuple(allowed_prefixes or ()),
                           dedup_overlap=dedup_overlap)
         serving = ServingConfig(shards_per_actor=int(shards_per_actor), shard_cpus=float(shard_cpus),
-                                cache_dir=cache_dir, timeout_s=float(shard_timeout_s), faiss_threads=faiss_threads)
+                                cache_dir=cache_dir, timeout_s=float(shard_timeout_s), faiss_threads=faiss_threads,
+                                prefault=bool(prefault))
         self.engine = RouterEngine(index_root, serving=serving, clip=clip, device=device, config=cfg)
         self.started_at = time.time()
         self.load_s = time.perf_counter() - t0
@@ -210,13 +211,14 @@ def start_actor(index_root: str, *, clip_model: str | None = None, clip_pretrain
                 dedup_overlap: float | None = 0.0, num_gpus: float | None = None, num_cpus: float = 1,
                 max_concurrency: int = DEFAULT_MAX_CONCURRENCY, faiss_threads: int | None = 1,
                 shards_per_actor: int = 1, shard_cpus: float = 1.0, cache_dir: str | None = None,
-                shard_timeout_s: float = 30.0, name: str = ACTOR_NAME,
+                shard_timeout_s: float = 30.0, prefault: bool = True, name: str = ACTOR_NAME,
                 namespace: str = NAMESPACE, wait_s: float = 600):
     """Get or create the named detached query actor and wait until it answers ``health()``.
 
     Must be called with ``ray.init`` done (any namespace). ``num_gpus`` None = 1 when the cluster
     has GPUs, else 0 (the actor falls back to CPU when torch sees no CUDA device). ``shards_per_actor``,
-    ``shard_cpus``, ``cache_dir``, ``shard_timeout_s``: how it serves sharded versions (its shard actors).
+    ``shard_cpus``, ``cache_dir``, ``shard_timeout_s``, ``prefault``: how it serves sharded versions (its
+    shard actors; :class:`mining.query.shards.ServingConfig`).
 
     Returns:
         (actor handle, health dict).
@@ -233,7 +235,7 @@ def start_actor(index_root: str, *, clip_model: str | None = None, clip_pretrain
                         max_restarts=-1, max_task_retries=3, max_concurrency=int(max_concurrency),
                         num_gpus=num_gpus, num_cpus=num_cpus).remote(
         index_root, clip_model, clip_pretrained, clip_random_init, list(allowed_prefixes), k_cap, dedup_overlap,
-        None, faiss_threads, shards_per_actor, shard_cpus, cache_dir, shard_timeout_s)
+        None, faiss_threads, shards_per_actor, shard_cpus, cache_dir, shard_timeout_s, prefault)
     health = ray.get(actor.health.remote(), timeout=wait_s)
     return actor, health
 

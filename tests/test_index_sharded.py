@@ -223,3 +223,21 @@ def test_build_index_job_refuses_bad_shard_settings(capsys):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
+
+
+def test_prefault_refine_touches_the_mapped_codes_and_respects_the_cap(tmp_path):
+    """prefault_refine reads the refine file and faiss' mapping of it: the byte count is the codes'
+    size, searches are unchanged, and a cap below that size skips it."""
+    from mining.index.search import open_refine, prefault_refine, write_refine
+
+    x = np.random.default_rng(0).standard_normal((300, 32)).astype(np.float32)
+    path = str(tmp_path / "refine.faiss")
+    write_refine(path, x.astype(np.float16))
+    ref, vec = open_refine(path)
+    q = x[:3].copy()
+    before = ref.search(q, 5)
+    r = prefault_refine(ref, path=path)
+    assert r["skipped"] is None and r["bytes"] == 300 * 32 * 2 and r["seconds"] >= 0
+    after = ref.search(q, 5)
+    np.testing.assert_array_equal(before[1], after[1])
+    assert prefault_refine(ref, max_bytes=100)["skipped"] == "too large"

@@ -99,6 +99,9 @@ def test_router_results_equal_in_process_sharded_results(routed):
     sv = h["serving"]
     assert sv["layout"] == "sharded" and sv["shards"] == 4 and len(sv["actors"]) == 4
     assert all(a["ok"] and a["ntotal"] == 150 for a in sv["actors"]) and len({a["pid"] for a in sv["actors"]}) == 4
+    for a in sv["actors"]:  # each actor read its refine file into the page cache before reporting ready
+        want = sum(os.path.getsize(os.path.join(p, "refine.faiss")) for p in a["paths"])
+        assert a["prefault"]["skipped"] is None and 0 < a["prefault"]["bytes"] <= want, a["prefault"]
     actor, ref = routed["actor"], _local_engine(routed["root"])
     q = _queries(12)
     got = ray.get([actor.embedding.remote(v, 10) for v in q], timeout=120)

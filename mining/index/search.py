@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import faiss
 import numpy as np
@@ -238,6 +239,48 @@ def open_refine(path: str) -> tuple[faiss.Index, np.ndarray]:
         if not np.array_equal(vec[r].astype(np.float32), index.reconstruct(r)):
             raise ValueError(f"{path}: unexpected refine file layout (row {r} differs from faiss' reconstruct)")
     return index, vec
+
+
+PAGE_BYTES = 4096
+
+
+def prefault_refine(refine: faiss.Index, max_bytes: int | None = None, path: str | None = None) -> dict:
+    """Touch every page of a memory-mapped refine index (one byte per 4 KiB page, in file order) so that
+    the first queries after a (re)load do not pay a page-cache miss per re-ranked candidate.
+
+    FAISS maps the refine file lazily (:func:`open_refine`): a candidate row that is not yet in the page
+    cache costs a disk read inside the re-rank, and a query re-ranks k * k_factor rows (2,048 at 1M),
+    so the first queries after a reload are disk-bound (measured in benchmarks/RESULTS.md, issue 18:
+    ``benchmarks/prefault.py``). Reading the file in order lets the kernel's read-ahead fetch it
+    sequentially, and populates this mapping's page tables. The pages stay page cache (shared,
+    evictable), not anonymous memory, so the resident-bytes budget is unchanged.
+
+    Args:
+        refine: the refine index from :func:`open_refine` (an IndexScalarQuantizer whose codes are mapped).
+        max_bytes: skip (``"skipped": "too large"``) when the codes are larger (None: no limit).
+        path: the refine file; when given it is first read with large sequential reads (16 MiB), which
+            fills the page cache at disk speed, where page-by-page faults read ahead only 128 KiB at
+            a time (measured: 36 MB/s page by page on this machine's disk).
+    Returns: {"bytes": int, "seconds": float, "skipped": None | str}.
+    """
+    sq = faiss.downcast_index(refine)
+    nbytes = int(sq.ntotal) * int(getattr(sq, "code_size", 0))
+    if nbytes == 0 or not hasattr(sq, "codes"):
+        return {"bytes": 0, "seconds": 0.0, "skipped": "no codes"}
+    if max_bytes is not None and nbytes > max_bytes:
+        return {"bytes": nbytes, "seconds": 0.0, "skipped": "too large"}
+    t0 = time.perf_counter()
+    if path:
+        buf = bytearray(16 * 1024 * 1024)
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+        del buf
+    codes = faiss.rev_swig_ptr(sq.codes.data(), nbytes)  # a view of faiss' own mapping, no copy
+    step = 64 * 1024 * 1024
+    for a in range(0, nbytes, step):
+        int(codes[a:a + step:PAGE_BYTES].sum())  # one byte per page
+    return {"bytes": nbytes, "seconds": round(time.perf_counter() - t0, 3), "skipped": None}
 
 
 def read_meta(path: str) -> pa.Table:

@@ -72,6 +72,9 @@ class ServingConfig:
         timeout_s: seconds a query waits for every shard actor (> 0) before ShardUnavailableError.
         start_timeout_s: seconds a (re)load waits for a new version's actors to be ready.
         faiss_threads: OpenMP threads per shard actor (1: the parallelism is concurrent queries).
+        prefault: each shard actor reads its refine files into the page cache before it reports ready
+            (:func:`mining.index.search.prefault_refine`), when they fit in half the node's available
+            memory; else it serves cold and says so in health (``prefault``).
     """
 
     shards_per_actor: int = 1
@@ -80,6 +83,7 @@ class ServingConfig:
     timeout_s: float = 30.0
     start_timeout_s: float = 600.0
     faiss_threads: int | None = 1
+    prefault: bool = True
 
     def check(self) -> "ServingConfig":
         """Returns self. Raises ValueError (one line naming the setting) for an unusable value."""
@@ -114,12 +118,13 @@ class ShardActor:
         version: the version they belong to (reported in health and errors only).
         cache_dir: local cache for an s3 root (None: the default cache of the root).
         faiss_threads: OpenMP threads (None: library default).
+        prefault: touch the shards' refine files before serving (see :class:`ServingConfig`).
     Raises:
         FileNotFoundError: a shard does not exist (the actor then fails to start).
     """
 
     def __init__(self, root: str, shard_ids: Sequence[str], version: str, cache_dir: str | None = None,
-                 faiss_threads: int | None = 1):
+                 faiss_threads: int | None = 1, prefault: bool = True):
         import ray
 
         from mining.index import ShardedIndex, open_shard
@@ -133,6 +138,7 @@ class ShardActor:
         shards = [open_shard(root, sid, cache_dir=cache_dir) for sid in self.shard_ids]
         self.index = ShardedIndex(shards, {"shards": [{"id": s} for s in self.shard_ids]}, version=version)
         self.paths = [s.path for s in shards]
+        self.prefault = _prefault(shards) if prefault else {"skipped": "off"}
         self.load_s = time.perf_counter() - t0
         try:
             with warnings.catch_warnings():
@@ -153,10 +159,33 @@ class ShardActor:
         return self.index.reconstruct_exact(patch_ids)
 
     def health(self) -> dict:
-        """{"ok", "version", "shards", "ntotal", "pid", "restarted", "load_s", "searches", "paths"}."""
+        """{"ok", "version", "shards", "ntotal", "pid", "restarted", "load_s", "searches", "paths", "prefault"}."""
         return {"ok": True, "version": self.version, "shards": self.shard_ids, "ntotal": self.index.ntotal,
                 "pid": os.getpid(), "restarted": self.restarted, "load_s": round(self.load_s, 3),
-                "searches": self.searches, "paths": self.paths}
+                "searches": self.searches, "paths": self.paths, "prefault": self.prefault}
+
+
+def _prefault(shards) -> dict:
+    """Prefault the refine files of ``shards`` (PatchIndex list) while they fit in half of the node's
+    available memory (``psutil``), in shard order. Returns {"bytes", "seconds", "skipped"}: bytes
+    touched, seconds spent, and None or why some were skipped."""
+    import psutil
+
+    from mining.index.search import REFINE_FILE, prefault_refine
+
+    budget = psutil.virtual_memory().available // 2
+    out = {"bytes": 0, "seconds": 0.0, "skipped": None}
+    for s in shards:
+        if getattr(s, "_refine", None) is None:
+            continue
+        r = prefault_refine(s._refine, max_bytes=budget - out["bytes"], path=os.path.join(s.path, REFINE_FILE))
+        if r["skipped"] == "too large":
+            out["skipped"] = "refine files larger than half the available memory: served cold"
+            log.warning("shard %s: %s", s.path, out["skipped"])
+            break
+        out["bytes"] += r["bytes"]
+        out["seconds"] = round(out["seconds"] + r["seconds"], 3)
+    return out
 
 
 def _shard_meta(root: str, shard_id: str, cache_dir: str | None) -> pa.Table:
@@ -209,7 +238,7 @@ class ShardSet:
         self.groups = group_shards([s["id"] for s in manifest["shards"]], cfg.shards_per_actor)
         cls = ray.remote(ShardActor)
         opts = dict(max_restarts=-1, max_task_retries=0, num_cpus=cfg.shard_cpus, max_concurrency=8)
-        self.actors = [cls.options(**opts).remote(root, g, version, cfg.cache_dir, cfg.faiss_threads)
+        self.actors = [cls.options(**opts).remote(root, g, version, cfg.cache_dir, cfg.faiss_threads, cfg.prefault)
                        for g in self.groups]
         try:
             metas, owners = [], []
