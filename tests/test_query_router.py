@@ -329,7 +329,6 @@ def test_nightly_job_adds_a_shard_and_reloads_the_router(ray_head, tmp_path):
     env = {"RAY_ADDRESS": ray_head.address}
     run_cli(["jobs.nightly", "--input", nights[0][1], "--output", out, "--date", nights[0][0], *tiny], env=env)
     run_cli(["jobs.build_index", "--data", out, "--out", idx, "--shards", "1", "--no-ray"], timeout=600)
-    import mining.index as mi
     from mining.index import publish
 
     v1 = publish.current_version(idx)

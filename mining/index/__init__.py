@@ -19,7 +19,8 @@ every shard, so unequal shard sizes cost balance, not correctness; all shards sh
 codebooks, so sharded recall at equal parameters is never below the single index's.  The in-memory
 (single-index) build stays the default for small stores (flat/hnsw/sq8 kinds, uniqueness.parquet).
 """
-from mining.index.build import build_index, sample_vectors, update_index
+from mining.index.build import build_index, sample_vectors
+from mining.index.update import update_index
 from mining.index.publish import current_version, drop_version, list_versions
 from mining.index.layout import ShardedIndex, fetch_version, open_index, open_shard
 from mining.index.search import PatchIndex
