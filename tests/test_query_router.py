@@ -1,7 +1,8 @@
 """The query router over shard actors (issue 18, item 3) on a real Ray head (conftest.py), real FAISS
 and the moto S3 server: merge correctness through actors (router == in-process sharded engine),
 shard grouping, a ``ray://`` client query, a shard actor killed during queries, an atomic reload
-across shards under a query stream, an ``s3://`` index root served end to end, bad settings.
+across shards under a query stream, an ``s3://`` index root built by ``jobs.build_index --shards`` through
+``ray://`` and served end to end, the nightly job adding a shard and reloading, bad settings.
 
 The router is started by ``python -m jobs.serve_query`` (a separate driver process) as in
 production; the test process talks to it through Ray handles and the ``jobs.query`` CLI.
@@ -254,9 +255,14 @@ def test_s3_index_root_served_end_to_end_with_nightly_reload(ray_head, s3_server
     data = str(tmp_path / "data")
     _write_nights(data, (1, 2), per=100)
     root = f"s3://{s3_server.make_bucket()}/index"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mi.build_index(data, root, shards=2, use_ray=False, verbose=False)
+    # the streaming, sharded build as a user runs it: the job's driver on a Ray client (ray://), its
+    # sample / train / encode / merge tasks on the cluster, the shards written to the s3:// root
+    run_cli(["jobs.build_index", "--data", data, "--out", root, "--shards", "2", "--address", ray_head.client],
+            timeout=600)
+    from mining.index import layout
+
+    _, m0 = layout.read_version_manifest(root)
+    assert m0["layout"] == "sharded" and len(m0["shards"]) == 2 and m0["used_ray"] and m0["n"] == 200, m0
     cache, name = str(tmp_path / "cache"), f"rare-object-query-s3-{uuid.uuid4().hex[:8]}"
     started = False
     h = _serve(ray_head, root, name, "--cache-dir", cache, "--shards-per-actor", "2")
