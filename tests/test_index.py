@@ -402,6 +402,39 @@ def test_tune_needs_the_lower_confidence_bound_to_reach_the_target():
     assert core.recall_lower_bound(np.array([])) == 1.0
 
 
+def test_merging_fast_scan_parts_past_a_block_multiple_keeps_every_entry():
+    """Fast-scan IVF parts merged into lists that already hold a nonzero multiple of block_size
+    entries (faiss' own merge_into writes past the list buffer there: the 5M merge task crashed with
+    'malloc(): corrupted top size'): core.merge_indexes gives the index that adding everything
+    to one index gives, one part at a time or all at once, and survives a serialise round trip."""
+    rng = np.random.default_rng(3)
+    d, per, nparts = 16, 32, 20  # IVF1: the one list grows by 32 a part and passes 256 = block_size
+    tr = faiss.index_factory(d, "IVF1,PQ8x4fs", faiss.METRIC_INNER_PRODUCT)
+    tr.train(rng.standard_normal((2000, d)).astype(np.float32))
+    blob = faiss.serialize_index(tr)
+    ref = faiss.deserialize_index(blob)
+    xs = [rng.standard_normal((per, d)).astype(np.float32) for _ in range(nparts)]
+    q = rng.standard_normal((10, d)).astype(np.float32)
+    for p, x in enumerate(xs):
+        ref.add_with_ids(x, np.arange(p * per, (p + 1) * per))
+    want = ref.search(q, 50)
+    for mode in ("one", "all"):
+        dst, parts = faiss.deserialize_index(blob), []
+        for p, x in enumerate(xs):
+            part = faiss.deserialize_index(blob)
+            part.add_with_ids(x, np.arange(p * per, (p + 1) * per))
+            parts.append(part)
+        if mode == "one":
+            for part in parts:
+                core.merge_indexes(dst, part)
+        else:
+            core.merge_indexes(dst, *parts)
+        assert dst.ntotal == nparts * per and all(p.ntotal == 0 for p in parts)
+        got = faiss.deserialize_index(faiss.serialize_index(dst)).search(q, 50)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+
+
 def test_refine_file_is_a_faiss_index(tmp_path):
     """write_refine streams the vectors in `order` into faiss' own IndexScalarQuantizer(fp16) layout:
     faiss reads it (mmap and plain), searches it exactly, and the numpy view is the same rows."""

@@ -194,13 +194,16 @@ def merge_to_shard(inputs: list[tuple[str, str]], trained_path: str, out_dir: st
         writer.close()
     del meta_all, order, src
 
-    # inverted lists: relabel each input to rows of this shard, append (one input in memory at a time)
+    # inverted lists: relabel each input to rows of this shard, then append them all
+    # (all inputs at once: a fast-scan list is rebuilt once, core.merge_block_lists; peak = 2x the shard's IVF)
     index = faiss.read_index(trained_path)
+    inputs = []
     for inp in ins:
         part = faiss.read_index(os.path.join(inp.dir, INDEX_FILE))
         core.relabel_ivf(part, lambda a, inp=inp: np.searchsorted(sorted_ids, inp.label_to_pid(a)))
-        core.merge_indexes(index, part)
-        del part
+        inputs.append(part)
+    core.merge_indexes(index, *inputs)
+    del inputs
     faiss.write_index(index, os.path.join(out_dir, INDEX_FILE))
     del ins
 
