@@ -9,7 +9,8 @@ the same mixture, another seed; recall@16 on the ``--queries`` against exact inn
 For each S of ``--shards`` (e.g. ``1,4,8``): ``mining.index.build_index(store, root, shards=S,
 use_ray=True)``; the first S trains the codebooks, the others reuse them (``trained_id``): the same
 vectors, queries and codebooks.  Measured: the driver's RSS, sampled every 0.1 s during the build
-(psutil), and the largest task peak RSS (``ru_maxrss`` of each task's fresh worker, from the manifest),
+(psutil), and the largest task peak RSS (``ru_maxrss`` of each task's fresh worker, from the manifest; it
+counts the touched pages of memory-mapped inputs too) and peak anonymous RSS (sampled ``RssAnon``),
 CPU seconds (tasks + driver), wall time; then recall@16, batch-1 and batch-64 ms/query of the opened
 ``ShardedIndex`` (1 OpenMP thread, shards searched one after the other), and recall with the S=1
 version's tuned parameters applied to every shard.  One JSON line per S, then a summary line.
@@ -179,7 +180,8 @@ def run(args) -> list[dict]:
                "recall_at_16": round(recall, 4), "bytes_per_vector": m["bytes_per_vector"],
                "ms_per_query": round(ms1, 3), "ms_per_query_batch64": round(ms64, 3),
                "driver_peak_rss_mb": round(rss.peak, 1), "driver_rss_at_start_mb": round(rss.start_mb, 1),
-               "max_task_peak_rss_mb": m["build_stats"]["max_task_peak_rss_mb"], "tasks": m["build_stats"]["tasks"],
+               "max_task_peak_rss_mb": m["build_stats"]["max_task_peak_rss_mb"],
+               "max_task_peak_anon_mb": m["build_stats"].get("max_task_peak_anon_mb"), "tasks": m["build_stats"]["tasks"],
                "build_s": round(wall, 1), "task_cpu_s": m["build_stats"]["task_cpu_s"],
                "driver_cpu_s": round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 1),
                "train_s": m.get("train_s") if S == shard_counts[0] else 0.0,

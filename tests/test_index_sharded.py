@@ -205,6 +205,7 @@ def test_streaming_build_on_ray_tasks(tmp_path, monkeypatch):
             ray.shutdown()
     assert m["used_ray"] and m["build_stats"]["tasks"] >= 5  # 2 sample + 1 train + 4 encode (+2 merge)
     assert m["build_stats"]["max_task_peak_rss_mb"] > 0
+    assert 0 < m["build_stats"]["max_task_peak_anon_mb"] <= m["build_stats"]["max_task_peak_rss_mb"]
     q = mixture().sample(20, seed=95)
     ix = mi.open_index(root)
     ix.set_params({"nprobe": m["plan"]["nlist"], "k_factor": 256})

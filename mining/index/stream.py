@@ -99,6 +99,7 @@ def _sample_task(data_root: str, items: list[tuple[dict, np.ndarray]]) -> np.nda
 def _train_task(out_root: str, trained_id: str, plan_d: dict, seed: int, nq: int, meta: dict, *samples) -> dict:
     """Train the codebooks on the sampled rows; write ``trained/<id>/`` (manifest last). Returns its manifest."""
     t0 = time.perf_counter()
+    parts.start_anon_sampler()
     plan = sizing.IndexPlan(**plan_d)
     x = np.concatenate(samples)
     x = x[np.random.default_rng(seed).permutation(len(x))]
@@ -174,6 +175,7 @@ def _part_groups(records: list[dict], part_max_vectors: int) -> list[list[dict]]
 
 def _encode_task(out_root: str, trained_id: str, data_root: str, records: list[dict], part_uri: str) -> dict:
     t0 = time.perf_counter()
+    parts.start_anon_sampler()
     tmp = tempfile.mkdtemp(prefix="mining-enc-")
     try:
         trained_path, _ = _fetch_trained(out_root, trained_id, tmp)
@@ -190,6 +192,7 @@ def _merge_task(out_root: str, trained_id: str, inputs: list[tuple[str, str]], s
                 recall_target: float) -> dict:
     """Merge inputs [(uri, "part" | "shard")] into ``shards/<shard_id>/`` (local: staged + renamed; s3: manifest last)."""
     t0 = time.perf_counter()
+    parts.start_anon_sampler()
     tmp = tempfile.mkdtemp(prefix="mining-merge-")
     try:
         trained_path, queries = _fetch_trained(out_root, trained_id, tmp)
@@ -329,6 +332,7 @@ def _publish(data_root: str, out_root: str, entries: list[dict], tman: dict, res
         "refine": "fp16", "ondisk": False, "store_shards_n": None,
         "bytes_per_vector": round(index_bytes / max(1, n), 1),
         "build_stats": {"tasks": len(stats), "max_task_peak_rss_mb": max((s["peak_rss_mb"] for s in stats), default=0),
+                        "max_task_peak_anon_mb": max((s.get("peak_anon_mb", 0) for s in stats), default=0),
                         "task_cpu_s": round(sum(s["cpu_s"] for s in stats), 1)},
         "build_s": round(time.perf_counter() - t0, 3),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
