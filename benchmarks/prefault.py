@@ -48,14 +48,11 @@ def evict(path: str) -> bool:
 
 def first_queries(shard_dir: str, queries: np.ndarray, prefault: bool) -> dict:
     from mining.index.layout import _open_shard_dir
-    from mining.index.search import prefault_refine
-
     ok = evict(os.path.join(shard_dir, "refine.faiss"))
     t0 = time.perf_counter()
     idx = _open_shard_dir(shard_dir)
     open_s = time.perf_counter() - t0
-    pf = prefault_refine(idx._refine, path=os.path.join(shard_dir, "refine.faiss")) if prefault \
-        else {"seconds": 0.0, "bytes": 0}
+    pf = idx.prefault() if prefault else {"seconds": 0.0, "bytes": 0}
     ts = []
     for q in queries:
         t = time.perf_counter()

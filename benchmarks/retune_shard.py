@@ -14,8 +14,7 @@ root = "/tmp/idxbench-5m/index"
 vs = [v for v in publish.list_versions(root) if len(publish.read_manifest(root, v)["shards"]) == 1]
 m = publish.read_manifest(root, vs[-1]); sid = m["shards"][0]["id"]
 ix = layout.open_shard(root, sid)
-from mining.index.search import prefault_refine
-print("prefault", prefault_refine(ix._refine, path=os.path.join(root, "shards", sid, "refine.faiss")), flush=True)
+print("prefault", ix.prefault(), flush=True)
 mix = ClusteredMixture(512, seed=0)
 q = core.normalize(mix.sample(400, seed=2))[200:]
 gt = np.load("/tmp/idxbench-5m/store/bench_gt.npy")

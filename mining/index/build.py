@@ -2,7 +2,7 @@
 
 ``build_index``: sample training vectors uniformly across all committed shards -> choose the
 factory string (:mod:`mining.index.sizing`) -> train (GPU when faiss sees one) -> add groups of
-shards in parallel (Ray tasks, global patch ids via ``add_with_ids``) -> merge (``merge_into``, or
+shards in parallel (Ray tasks, global patch ids via ``add_with_ids``) -> merge (``core.merge_indexes``, or
 ``merge_ondisk`` for big indexes) -> tune nprobe / efSearch / k_factor on held-out queries to the
 recall target -> publish a new version atomically (:mod:`mining.index.publish`).
 
@@ -309,6 +309,7 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
         if rows_as_labels and base is not None:  # old rows -> patch_ids -> new rows
             old_pid = np.asarray(base_meta.column("patch_id").to_numpy(), np.int64)
             core.relabel_ivf(index, lambda a: np.searchsorted(sorted_pid, old_pid[a]))
+        part_indexes = []  # merged in one call: a fast-scan list is then rebuilt once (core.merge_block_lists)
         for p in parts:
             if kind == "hnsw":
                 v = p["vectors"].astype(np.float32)
@@ -318,9 +319,11 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
                 part_index = core.deserialize(p["index"])
                 if rows_as_labels:  # patch_ids -> rows
                     core.relabel_ivf(part_index, lambda a: np.searchsorted(sorted_pid, a))
-                core.merge_indexes(index, part_index)
-                del part_index
+                part_indexes.append(part_index)
             p["index"] = None
+        if part_indexes:
+            core.merge_indexes(index, *part_indexes)
+        del part_indexes
     add_s = time.perf_counter() - t_add
 
     # exact vectors (ivfpq-refine), in row order

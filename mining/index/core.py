@@ -203,7 +203,7 @@ def _unpack_list(inv, packer, lno: int) -> np.ndarray:
     m = inv.list_size(lno)
     npb, bs, cs = int(packer.nvec), int(packer.block_size), int(packer.code_size)
     nb = (m + npb - 1) // npb
-    blocks = faiss.rev_swig_ptr(inv.get_codes(lno), nb * bs).copy()
+    blocks = faiss.rev_swig_ptr(inv.get_codes(lno), nb * bs)  # a view: unpack_all copies out of it
     flat = np.empty((nb * npb, cs), np.uint8)
     for b in range(nb):
         packer.unpack_all(faiss.swig_ptr(blocks[b * bs:(b + 1) * bs]), faiss.swig_ptr(flat[b * npb:(b + 1) * npb]))
@@ -236,7 +236,7 @@ def merge_block_lists(dst: faiss.Index, srcs: list[faiss.Index]) -> int:
         parts = [(inv, inv.list_size(lno)) for inv in [dinv, *sinvs]]
         if sum(m for inv, m in parts if inv is not dinv) == 0:
             continue
-        ids = np.concatenate([faiss.rev_swig_ptr(inv.get_ids(lno), m).copy() for inv, m in parts if m])
+        ids = np.concatenate([faiss.rev_swig_ptr(inv.get_ids(lno), m) for inv, m in parts if m])  # copies
         codes = np.concatenate([_unpack_list(inv, packer, lno) for inv, m in parts if m])
         n = len(ids)
         nb = (n + npb - 1) // npb
@@ -462,7 +462,7 @@ def tune(
         for params in inner:  # cheapest first: stop at the first that reaches the goal
             pq = per_query_recall(search_fn(queries, k, params), truth, k)
             r = float(pq.mean()) if len(pq) else 1.0
-            lcb = min(r, recall_lower_bound(pq, margin=margin))
+            lcb = recall_lower_bound(pq, margin=margin)
             tried.append((params, r))
             best = max(best, r)
             log.info("tune %s %s recall@%d=%.4f (95%% lower bound %.4f)", kind, params, k, r, lcb)

@@ -24,10 +24,12 @@ directory (the per-version format of :mod:`mining.index.search`):
    nothing but one chunk of rows is in memory.  The same chunks give the exact top-16 of the tuning
    queries inside the shard (its ground truth);
 3. ``index.faiss``: the inputs' lists are relabelled to rows of the shard (``core.relabel_ivf``) and
-   appended with ``faiss.merge_into``, one input at a time.  4-bit fast-scan lists are block-packed
-   (``BlockInvertedLists``) and cannot go through ``OnDiskInvertedLists``/``merge_ondisk`` (faiss
-   1.15), so the merged lists are held in memory: M/2 + 8 bytes/vector of the *shard* -- what a
-   shard actor holds when it serves the shard -- plus one input;
+   appended all at once by ``core.merge_indexes`` (``core.merge_block_lists``: faiss' own
+   ``merge_into`` overflows the heap on fast-scan lists of >= block_size entries).  4-bit fast-scan
+   lists are block-packed (``BlockInvertedLists``) and cannot go through
+   ``OnDiskInvertedLists``/``merge_ondisk`` (faiss 1.15), so the merged lists are held in memory:
+   M/2 + 8 bytes/vector of the *shard* -- what a shard actor holds when it serves the shard -- twice
+   while merging (the inputs' lists and the merged ones);
 4. per-shard tuning (nprobe, k_factor) on the shared tuning queries against the shard's ground
    truth (``core.tune``), ``params.json``, ``tune_truth.npz``, then ``manifest.json`` last.
 
@@ -231,8 +233,7 @@ def merge_to_shard(inputs: list[tuple[str, str]], trained_path: str, out_dir: st
         writer.close()
     del meta_all, order, src
 
-    # inverted lists: relabel each input to rows of this shard, then append them all
-    # (all inputs at once: a fast-scan list is rebuilt once, core.merge_block_lists; peak = 2x the shard's IVF)
+    # inverted lists: relabel each input to rows of this shard, then append them all in one call
     index = faiss.read_index(trained_path)
     inputs = []
     for inp in ins:

@@ -71,6 +71,14 @@ class PatchIndex:
             if self._refine is not None:
                 self._search_index.k_factor = float(self.params.get("k_factor", DEFAULT_K_FACTOR))
 
+    def prefault(self, max_bytes: int | None = None) -> dict:
+        """Read this index's refine file into the page cache (:func:`prefault_refine`; ``path`` is the
+        version / shard directory). Returns its dict; ``"skipped": "no refine"`` for kinds without one."""
+        if self._refine is None:
+            return {"bytes": 0, "seconds": 0.0, "skipped": "no refine"}
+        path = os.path.join(self.path, REFINE_FILE) if self.path else None
+        return prefault_refine(self._refine, max_bytes=max_bytes, path=path if path and os.path.isfile(path) else None)
+
     # ------------------------------------------------------------------ search
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """k nearest patches by cosine similarity.

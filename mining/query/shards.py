@@ -171,14 +171,10 @@ def _prefault(shards) -> dict:
     touched, seconds spent, and None or why some were skipped."""
     import psutil
 
-    from mining.index.search import REFINE_FILE, prefault_refine
-
     budget = psutil.virtual_memory().available // 2
     out = {"bytes": 0, "seconds": 0.0, "skipped": None}
     for s in shards:
-        if getattr(s, "_refine", None) is None:
-            continue
-        r = prefault_refine(s._refine, max_bytes=budget - out["bytes"], path=os.path.join(s.path, REFINE_FILE))
+        r = s.prefault(max_bytes=budget - out["bytes"])
         if r["skipped"] == "too large":
             out["skipped"] = "refine files larger than half the available memory: served cold"
             log.warning("shard %s: %s", s.path, out["skipped"])
