@@ -354,16 +354,17 @@ def test_tune_explores_nprobe_and_keeps_the_fastest():
             return out
         return search
 
-    reach = lambda p: 1.0 if p["nprobe"] * p["k_factor"] >= 512 else 0.5  # noqa: E731
+    # first hit at (2, 512), explored: (4, 256), (8, 128)
+    reach = lambda p: 1.0 if p["nprobe"] * p["k_factor"] >= 1024 else 0.5  # noqa: E731
     q = np.zeros((4, 8), np.float32)
     # re-rank expensive: many lists, few candidates wins
     p, r = core.tune("ivfpq-refine", None, fake(reach, lambda p: 0.004 * p["k_factor"] / 64 + 0.0005 * p["nprobe"] / 8),
                      q, truth, nlist=1024)
-    assert r == 1.0 and p == {"nprobe": 8, "k_factor": 64}
+    assert r == 1.0 and p == {"nprobe": 8, "k_factor": 128}
     # scanning expensive: few lists, many candidates wins
-    p, r = core.tune("ivfpq-refine", None, fake(reach, lambda p: 0.0005 * p["k_factor"] / 64 + 0.008 * p["nprobe"] / 8),
+    p, r = core.tune("ivfpq-refine", None, fake(reach, lambda p: 0.0002 * p["k_factor"] / 64 + 0.008 * p["nprobe"] / 8),
                      q, truth, nlist=1024)
-    assert r == 1.0 and p == {"nprobe": 2, "k_factor": 256}
+    assert r == 1.0 and p == {"nprobe": 2, "k_factor": 512}
     p, _ = core.tune("ivfpq", None, fake(lambda p: 1.0 if p["nprobe"] >= 8 else 0.5, lambda p: 0), q, truth, nlist=64)
     assert p == {"nprobe": 8}
     p, r = core.tune("ivfpq-refine", None, fake(lambda p: 0.5, lambda p: 0), q, truth, nlist=8)

@@ -25,8 +25,10 @@ OPQ_NITER = 10  # rotation <-> PQ alternations
 OPQ_NITER_PQ_0 = 10  # k-means iterations of the first PQ
 OPQ_MAX_TRAIN = 16_384  # points the rotation is estimated on (a random subset of the training sample)
 # re-rank depths tried by tune() for ivfpq-refine (k * k_factor candidates; 4-bit codes need 2-4x more
-# candidates than 8-bit ones for the same recall, and the fast scan makes them cheap)
-K_FACTORS = (4, DEFAULT_K_FACTOR, 16, 32, 64, 128, 256)
+# candidates than 8-bit ones for the same recall, and the fast scan makes them cheap). 512 is there
+# for large shards: the 5M single shard with nlist capped at 2,048 reached 0.9375 held-out recall@16
+# at most 256 and 0.969 at 512 (benchmarks/retune_shard.py, RESULTS.md issue 18)
+K_FACTORS = (4, DEFAULT_K_FACTOR, 16, 32, 64, 128, 256, 512)
 
 
 def configure_opq(vt) -> None:
