@@ -166,10 +166,12 @@ def run(args) -> list[dict]:
                 from mining.index import stream
 
                 m = stream.build_sharded(store, root, shards=S, trained_id=trained_id, use_ray=True,
-                                         recall_target=args.recall_target, part_max_vectors=args.part_vectors)
+                                         recall_target=args.recall_target, part_max_vectors=args.part_vectors,
+                                         uniqueness=args.uniqueness)
             else:
                 m = mi.build_index(store, root, shards=S, use_ray=True, memory_budget_bytes=budget,
-                                   recall_target=args.recall_target, seed=args.seed, part_max_vectors=args.part_vectors)
+                                   recall_target=args.recall_target, seed=args.seed, part_max_vectors=args.part_vectors,
+                                   uniqueness=args.uniqueness)
             wall = time.perf_counter() - t0
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         trained_id = trained_id or m["trained"]
@@ -187,7 +189,8 @@ def run(args) -> list[dict]:
                "train_s": m.get("train_s") if S == shard_counts[0] else 0.0,
                "shard_params": [s.params for s in ix.shards], "shard_n": [s["n"] for s in m["shards"]],
                "refine_disk_bytes_per_vector": round(sum(s["bytes"] for s in m["shards"]) / m["n"] - m["bytes_per_vector"], 1),
-               "streaming": True, "nlist_cap": args.max_nlist or None, "part_vectors": args.part_vectors}
+               "streaming": True, "nlist_cap": args.max_nlist or None, "part_vectors": args.part_vectors,
+               "uniqueness": m.get("uniqueness")}
         if single_params is None:
             single_params = ix.shards[0].params
         else:

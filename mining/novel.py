@@ -134,8 +134,8 @@ def rarity_scores(novelty: np.ndarray | None, uniqueness: np.ndarray | None, by:
         raise QueryError(f"--by {by}: no patch in this range has an epitome novelty (mined without an epitome "
                          "saliency backend); use --by uniqueness")
     if by in ("uniqueness", "both") and not has_u:
-        raise QueryError(f"--by {by}: this index version has no uniqueness.parquet (built with --no-uniqueness, "
-                         "before issue 14, or sharded: sharded versions do not compute it yet); use --by novelty")
+        raise QueryError(f"--by {by}: this index version has no uniqueness (built with --no-uniqueness, before "
+                         "issue 14, or a sharded version from before its uniqueness parts); use --by novelty")
     if by == "novelty":
         return novelty.copy(), by
     if by == "uniqueness":

@@ -120,6 +120,9 @@ def test_update_adds_a_shard_without_touching_old_files_then_compacts(tmp_path):
     assert m1["shards"][2]["date_min"] == "2026-11-03" and m1["n"] == 1800
     after = _hashes(root)
     assert {k: after[k] for k in before} == before, "old shard files were rewritten"
+    # uniqueness: the old shards' patches are searched in the new shard only, merged with their stored lists
+    assert m1["uniqueness"]["incremental"] and m1["uniqueness"]["searches"] == 2 * 600 * 1 + 600 * 3
+    _check_uniqueness(root, m1["version"], data)
     q = mixture().sample(30, seed=97)
     ti = _truth(data, q)[1]
     ix = mi.open_index(root)
@@ -133,6 +136,9 @@ def test_update_adds_a_shard_without_touching_old_files_then_compacts(tmp_path):
     assert m2["compacted"] == [[s["id"] for s in m1["shards"]]]
     assert len(m2["shards"]) == 2 and m2["shards"][0]["n"] == 1800 and m2["shards"][1]["date_min"] == "2026-11-04"
     assert {k: v for k, v in _hashes(root).items() if k in after} == after
+    # the compacted shard's lists come from the parts of the shards it merged
+    assert m2["uniqueness"]["incremental"] and m2["uniqueness"]["searches"] == 1800 * 1 + 600 * 2
+    _check_uniqueness(root, m2["version"], data)
     ix = mi.open_index(root)
     ix.set_params({"nprobe": m2["plan"]["nlist"], "k_factor": 256})
     assert core.recall_at_k(ix.search(q, 16)[1], _truth(data, q)[1], 16) >= 0.99
@@ -242,3 +248,70 @@ def test_prefault_refine_touches_the_mapped_codes_and_respects_the_cap(tmp_path)
     after = ref.search(q, 5)
     np.testing.assert_array_equal(before[1], after[1])
     assert prefault_refine(ref, max_bytes=100)["skipped"] == "too large"
+
+
+def _exact_knn_distance(data):
+    """patch_id -> FiftyOne kNN distance (K = 3, self excluded) by brute force over the store's vectors."""
+    from mining.index.uniqueness import WEIGHTS
+
+    t = open_patches(data).to_table(columns=["patch_id", "embedding"])
+    x = core.normalize(embeddings_from_arrow(t.column("embedding")))
+    s = x @ x.T
+    np.fill_diagonal(s, -np.inf)
+    top = -np.sort(-s, axis=1)[:, :3]
+    d = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * np.clip(top, -1, 1)))
+    return dict(zip(t.column("patch_id").to_pylist(), (d * np.asarray(WEIGHTS)).mean(1)))
+
+
+def _check_uniqueness(root, version, data, frac=0.97):
+    from mining.index.uniqueness import read_uniqueness
+
+    t = read_uniqueness(mi.open_index(root, version).path)
+    truth = _exact_knn_distance(data)
+    assert t is not None and t.num_rows == len(truth)
+    ids = t.column("patch_id").to_pylist()
+    assert ids == sorted(truth)
+    r = t.column("knn_distance").to_numpy()
+    want = np.array([truth[i] for i in ids])
+    assert np.mean(np.abs(r - want) < 1e-3) >= frac, np.abs(r - want).max()
+    u = t.column("uniqueness").to_numpy()
+    assert u.min() >= 0 and abs(u.max() - 1.0) < 1e-6
+    np.testing.assert_allclose(u, r / r.max(), rtol=1e-6)
+    return t
+
+
+def test_sharded_uniqueness_equals_exact_knn_and_single(built):
+    """Each shard's task searches every shard; the per-shard parts equal brute-force kNN distances
+    (up to ANN misses) and the 1-shard version's."""
+    data, root, m1, m4 = built
+    assert m4["uniqueness"]["parts"] == "uniqueness" and m4["uniqueness"]["incremental"] is False
+    assert m4["uniqueness"]["searches"] == 4 * 2400 and m1["uniqueness"]["searches"] == 2400
+    assert len(os.listdir(os.path.join(publish.version_dir(root, m4["version"]), "uniqueness"))) == 4
+    t1, t4 = _check_uniqueness(root, m1["version"], data), _check_uniqueness(root, m4["version"], data)
+    assert np.mean(np.abs(t1.column("knn_distance").to_numpy() - t4.column("knn_distance").to_numpy()) < 1e-4) >= 0.95
+
+
+def test_sharded_build_refuses_a_patch_id_in_two_shards(tmp_path):
+    """The same frames committed under another store shard on another night land in two index shards:
+    the publish fails with one line naming both shards (with and without uniqueness), nothing is published."""
+    from mining.index.shard_uniqueness import DuplicatePatchError
+    from mining.store import ShardOutput, write_shard
+
+    data, root = str(tmp_path / "data"), str(tmp_path / "idx")
+    _store(data, days=(1,), per=200)
+    t = open_patches(data).to_table()
+    dup = ShardOutput(shard="/data/copy-of-d1", date="2026-11-02", run_id="test", model="synthetic", dim=32,
+                      random_init=False)
+    rows = t.slice(0, 5).to_pylist()
+    for r in rows:
+        dup.patches.append({**{k: r[k] for k in ("patch_id", "image_id", "image_uri", "x0", "y0", "x1", "y1", "level",
+                                                 "score", "model", "run_id")}, "shard": dup.shard, "date": dup.date})
+    dup.embeddings.append(embeddings_from_arrow(t.slice(0, 5).column("embedding")).astype(np.float16))
+    write_shard(data, dup)
+    for uniq in (True, False):
+        with pytest.raises(DuplicatePatchError, match=r"refusing to publish the index: 5\+ patch_id\(s\) occur in more "
+                                                      r"than one shard.*2026-11-01.* & .*2026-11-02"):
+            mi.build_index(data, root, shards=2, use_ray=False, verbose=False, uniqueness=uniq)
+    assert publish.current_version(root) is None
+    vdir = os.path.join(root, "versions")
+    assert not (os.path.isdir(vdir) and os.listdir(vdir)), "a failed publish left a (staged) version behind"

@@ -295,7 +295,7 @@ def test_novel_falls_back_to_uniqueness_and_explains_a_missing_signal():
     assert by == "uniqueness" and s.tolist() == u.tolist()
     with pytest.raises(QueryError, match="no patch in this range has an epitome novelty"):
         rarity_scores(None, u, "novelty")
-    with pytest.raises(QueryError, match="no uniqueness.parquet"):
+    with pytest.raises(QueryError, match="this index version has no uniqueness"):
         rarity_scores(np.array([1.0, 2.0, 3.0]), None, "both")
     s, by = rarity_scores(np.array([1.0, np.nan, 3.0]), u, "both")  # a patch with one signal keeps that rank
     np.testing.assert_allclose(s, [(1 / 2 + 1 / 3) / 2, 1.0, (2 / 2 + 2 / 3) / 2])

@@ -115,6 +115,9 @@ def test_router_results_equal_in_process_sharded_results(routed):
         _same(ray.get(actor.examples.remote(ex, 10, mode), timeout=60), ref.examples(ex, 10, mode=mode))
     _same(ray.get(actor.embedding.remote(q[1], 6, None, False, True), timeout=60),  # no dedup, forced re-rank
           ref.embedding(q[1], 6, dedup=False, rerank=True))
+    # query-free rarity: the version's uniqueness parts (one per shard) reach the router
+    assert routed["manifest"]["uniqueness"]["n"] == 600
+    _same(ray.get(actor.novel.remote(8, None, None, "uniqueness"), timeout=60), ref.novel(8, by="uniqueness"))
 
 
 def test_shard_grouping_gives_the_same_results(routed):

@@ -438,7 +438,8 @@ def build_index(data_root: str, out_root: str, *, kind: str = "auto", memory_bud
             info goes to ``manifest["uniqueness"]`` (None when skipped).
         shards / streaming: ``shards=S`` (or ``streaming=True``) builds a **sharded** version with the
             streaming build of :mod:`mining.index.stream` (ivfpq-refine only; S date-range shards, default
-            ceil(N / 4M); no driver gather; no uniqueness file); ``part_max_vectors`` caps an encode task.
+            ceil(N / 4M); no driver gather; uniqueness as one part per shard, by Ray tasks); ``part_max_vectors``
+            caps an encode task.
             The index root may then be ``s3://``.
     Returns:
         the published manifest (dict; ``manifest["version"]``, ``["changed"] = True``).
@@ -453,7 +454,7 @@ def build_index(data_root: str, out_root: str, *, kind: str = "auto", memory_bud
         return stream.build_sharded(data_root, out_root, kind=kind, shards=shards, memory_budget_bytes=memory_budget_bytes,
                                     recall_target=recall_target, seed=seed, use_ray=use_ray, verbose=verbose,
                                     part_max_vectors=part_max_vectors or stream.PART_MAX_VECTORS,
-                                    extra_manifest=extra_manifest)
+                                    extra_manifest=extra_manifest, uniqueness=uniqueness)
     t0 = time.perf_counter()
     log_fn = print if verbose else log.info
     if merge not in ("auto", "memory", "ondisk"):

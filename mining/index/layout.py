@@ -194,13 +194,26 @@ def fetch_version(root: str, version: str | None = None, cache_dir: str | None =
     if is_local(root):
         return publish.version_dir(root, version)
     cache_dir = cache_dir or default_cache_dir(root)
-    vdir = os.path.join(cache_dir, publish.VERSIONS, version)
     if manifest.get("layout") == LAYOUT_SHARDED:
         for s in manifest["shards"]:
             download_dir(shard_uri(root, s["id"]), os.path.join(cache_dir, SHARDS, s["id"]))
         if manifest.get("trained"):
             download_dir(trained_uri(root, manifest["trained"]), os.path.join(cache_dir, TRAINED, manifest["trained"]))
-    download_dir(join(root, publish.VERSIONS, version), vdir)
+    return fetch_version_files(root, version, manifest, cache_dir)
+
+
+def fetch_version_files(root: str, version: str, manifest: dict, cache_dir: str | None = None) -> str:
+    """The version directory alone (manifest, params, a sharded version's ``uniqueness/`` parts; no
+    shards): ``<root>/versions/<version>`` for a local root, else downloaded into ``cache_dir`` with the
+    manifest last.  Returns the local directory."""
+    if is_local(root):
+        return publish.version_dir(root, version)
+    vdir = os.path.join(cache_dir or default_cache_dir(root), publish.VERSIONS, version)
+    vuri = join(root, publish.VERSIONS, version)
+    if (manifest.get("uniqueness") or {}).get("parts"):
+        part_dir = manifest["uniqueness"]["parts"]
+        download_dir(join(vuri, part_dir), os.path.join(vdir, part_dir))
+    download_dir(vuri, vdir)
     return vdir
 
 
@@ -238,6 +251,20 @@ def open_shard(root: str, shard_id: str, *, cache_dir: str | None = None) -> Pat
     if not os.path.isfile(os.path.join(d, publish.MANIFEST)):
         raise FileNotFoundError(f"no index shard {shard_id!r} under {root!r}")
     return _open_shard_dir(d)
+
+
+def shard_meta(root: str, shard_id: str, cache_dir: str | None = None) -> pa.Table:
+    """The memory-mapped ``meta.arrow`` of one shard (from s3: only that file and the manifest are
+    fetched into the cache, default :func:`default_cache_dir`). Raises FileNotFoundError."""
+    if is_local(root):
+        d = _local_path(shard_uri(root, shard_id))
+    else:
+        d = os.path.join(cache_dir or default_cache_dir(root), SHARDS, shard_id)
+        download_dir(shard_uri(root, shard_id), d, names=[META_FILE, publish.MANIFEST])
+    path = os.path.join(d, META_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no index shard {shard_id!r} under {root!r}")
+    return read_meta(path)
 
 
 def open_index(root: str, version: str | None = None, *, cache_dir: str | None = None):

@@ -178,7 +178,7 @@ def publish_small_version(out_root: str, version: str, manifest: dict, files: di
     """
     if is_local(out_root):
         d = os.path.join(_local(out_root), VERSIONS, STAGING_PREFIX + version)
-        os.makedirs(d)
+        os.makedirs(d, exist_ok=True)  # a sharded version's uniqueness parts may already be staged there
         for name, obj in files.items():
             write_json_atomic(os.path.join(d, name), obj)
         return publish(out_root, version, d, manifest)

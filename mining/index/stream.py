@@ -307,7 +307,11 @@ def compaction_plan(entries: list[dict], *, small_vectors: int = COMPACT_SMALL_V
 # --------------------------------------------------------------------------- versions
 
 def _publish(data_root: str, out_root: str, entries: list[dict], tman: dict, results: list[dict], *, t0: float,
-             recall_target: float, extra: dict, log_fn) -> dict:
+             recall_target: float, extra: dict, log_fn, use_ray: bool, uniqueness: bool = True,
+             parent: dict | None = None) -> dict:
+    """Duplicate check + uniqueness parts (:mod:`mining.index.shard_uniqueness`; ``parent``: the version
+    they are updated from, None = computed from scratch), then the version's manifest and CURRENT."""
+    from mining.index import shard_uniqueness
     from mining.store import dataset_info
 
     info = dataset_info(data_root, warn=False)
@@ -321,6 +325,12 @@ def _publish(data_root: str, out_root: str, entries: list[dict], tman: dict, res
     index_bytes = sum(merged[e["id"]]["index_bytes"] for e in entries)
     stats = [r["stats"] for r in results if "stats" in r]
     version = publish.new_version_name()
+    try:
+        uniq = shard_uniqueness.compute(out_root, version, entries, parent, uniqueness=uniqueness, log_fn=log_fn,
+                                        run_tasks=lambda fn, args: _run_tasks(use_ray, fn, args))
+    except BaseException:
+        shard_uniqueness.cleanup(out_root, version)
+        raise
     manifest = {
         "layout": layout.LAYOUT_SHARDED, "version": version, "kind": plan.kind, "factory": plan.factory,
         "plan": tman["plan"], "n": n, "dim": plan.dim, "metric": "inner_product (cosine on L2-normalised vectors)",
@@ -336,7 +346,7 @@ def _publish(data_root: str, out_root: str, entries: list[dict], tman: dict, res
                         "task_cpu_s": round(sum(s["cpu_s"] for s in stats), 1)},
         "build_s": round(time.perf_counter() - t0, 3),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "faiss_version": faiss.__version__, "gpu": tman.get("gpu", False), "changed": True, "uniqueness": None,
+        "faiss_version": faiss.__version__, "gpu": tman.get("gpu", False), "changed": True, "uniqueness": uniq,
         "used_ray": bool(extra.pop("_used_ray", False)), **extra,
     }
     publish.publish_small_version(out_root, version, manifest, {"params.json": {}})
@@ -348,13 +358,15 @@ def _publish(data_root: str, out_root: str, entries: list[dict], tman: dict, res
 def build_sharded(data_root: str, out_root: str, *, kind: str = "ivfpq-refine", shards: int | None = None,
                   memory_budget_bytes: int | None = None, recall_target: float = 0.95, seed: int = 0,
                   use_ray: bool | None = None, part_max_vectors: int = PART_MAX_VECTORS, trained_id: str | None = None,
-                  verbose: bool = True, extra_manifest: dict | None = None) -> dict:
+                  verbose: bool = True, extra_manifest: dict | None = None, uniqueness: bool = True) -> dict:
     """Streaming build of a NEW sharded version (see module docstring).
 
     Args:
         shards: number of date-range shards (None: ceil(N / TARGET_SHARD_VECTORS)).
         trained_id: reuse ``trained/<id>/`` codebooks (same root) instead of training.
-        part_max_vectors: vectors per encode task (its memory bound). Others as :func:`mining.index.build_index`.
+        part_max_vectors: vectors per encode task (its memory bound).
+        uniqueness: kNN uniqueness parts for every patch (one task per shard, :mod:`mining.index.shard_uniqueness`);
+            the duplicate patch_id check across shards runs either way. Others as :func:`mining.index.build_index`.
     Returns: the version manifest (``"layout": "sharded"``).
     Raises: ValueError: kind other than ivfpq-refine/auto, shards < 1, dim mismatch with ``trained_id``.
         FileNotFoundError: nothing committed.
@@ -397,15 +409,18 @@ def build_sharded(data_root: str, out_root: str, *, kind: str = "ivfpq-refine", 
     if "stats" in tman and not trained_id:
         results = results + [{"stats": tman["stats"]}]
     return _publish(data_root, out_root, entries, tman, results, t0=t0, recall_target=recall_target, extra=extra,
-                    log_fn=log_fn)
+                    log_fn=log_fn, use_ray=use_ray, uniqueness=uniqueness)
 
 
 def update_sharded(data_root: str, out_root: str, man: dict, *, growth_factor: float, drift_ratio: float,
                    force_retrain: bool = False, use_ray: bool | None = None, compact: bool = True,
-                   recall_target: float | None = None, seed: int = 0, verbose: bool = True, **policy) -> dict:
+                   recall_target: float | None = None, seed: int = 0, verbose: bool = True, uniqueness: bool = True,
+                   **policy) -> dict:
     """Nightly add to a sharded version ``man``: new committed fragments -> new shard(s) with the frozen
     codebooks, old shards untouched; retrain on growth/drift; then :func:`compaction_plan` (``compact``).
     ``policy``: keyword overrides of :func:`compaction_plan` (small_vectors, target_vectors, min_run).
+    ``uniqueness``: update the uniqueness parts incrementally from ``man``'s (old shards are searched in the
+    new shards only; :mod:`mining.index.shard_uniqueness`).
     Returns: the new manifest, or ``{**man, "changed": False}`` when nothing is new."""
     from mining.index.build import DRIFT_SAMPLE, _records, _resolve_ray, group_records, sample_vectors
 
@@ -440,7 +455,8 @@ def update_sharded(data_root: str, out_root: str, man: dict, *, growth_factor: f
         return build_sharded(data_root, out_root, kind=man.get("requested_kind", "ivfpq-refine"),
                              shards=len(man["shards"]), memory_budget_bytes=man.get("memory_budget_bytes"),
                              recall_target=recall_target, seed=seed, use_ray=use_ray, verbose=verbose,
-                             extra_manifest={"retrained": reason, "drift_quant_error": drift, "parent_version": cur})
+                             extra_manifest={"retrained": reason, "drift_quant_error": drift, "parent_version": cur},
+                             uniqueness=uniqueness)
     target = policy.get("target_vectors", TARGET_SHARD_VECTORS)
     add_entries, results = build_shards(data_root, out_root, man["trained"],
                                         group_records(new, max(1, math.ceil(n_new / target))),
@@ -459,4 +475,4 @@ def update_sharded(data_root: str, out_root: str, man: dict, *, growth_factor: f
              "added_shards": [e["id"] for e in add_entries], "compacted": compacted, "seed": man.get("seed"),
              "memory_budget_bytes": man.get("memory_budget_bytes"), "train_s": man.get("train_s"), "_used_ray": use_ray}
     return _publish(data_root, out_root, entries, tman, results, t0=t0, recall_target=recall_target, extra=extra,
-                    log_fn=log_fn)
+                    log_fn=log_fn, use_ray=use_ray, uniqueness=uniqueness, parent=man)

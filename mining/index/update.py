@@ -60,7 +60,8 @@ def update_index(data_root: str, out_root: str, *, growth_factor: float = GROWTH
 
         return stream.update_sharded(data_root, out_root, cur_man, growth_factor=growth_factor, drift_ratio=drift_ratio,
                                      force_retrain=force_retrain, use_ray=use_ray, compact=compact,
-                                     recall_target=recall_target, seed=seed, verbose=verbose, **(compaction_policy or {}))
+                                     recall_target=recall_target, seed=seed, verbose=verbose, uniqueness=uniqueness,
+                                     **(compaction_policy or {}))
     t0 = time.perf_counter()
     old = open_index(out_root, cur)
     man = old.manifest

@@ -185,21 +185,10 @@ def _prefault(shards) -> dict:
 
 
 def _shard_meta(root: str, shard_id: str, cache_dir: str | None) -> pa.Table:
-    """The memory-mapped ``meta.arrow`` of one shard (from s3: only that file and the manifest are
-    fetched into the cache). Raises FileNotFoundError."""
-    from mining.fs import is_local
-    from mining.index import layout, publish
-    from mining.index.search import META_FILE, read_meta
+    """The memory-mapped ``meta.arrow`` of one shard (:func:`mining.index.layout.shard_meta`)."""
+    from mining.index import layout
 
-    if is_local(root):
-        d = layout._local_path(layout.shard_uri(root, shard_id))
-    else:
-        d = os.path.join(cache_dir or layout.default_cache_dir(root), layout.SHARDS, shard_id)
-        layout.download_dir(layout.shard_uri(root, shard_id), d, names=[META_FILE, publish.MANIFEST])
-    path = os.path.join(d, META_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no index shard {shard_id!r} under {root!r}")
-    return read_meta(path)
+    return layout.shard_meta(root, shard_id, cache_dir)
 
 
 class ShardSet:
@@ -225,7 +214,9 @@ class ShardSet:
         self.config = cfg = (config or ServingConfig()).check()
         self.root, self.version, self.manifest = root, version, manifest
         self.kind = manifest.get("kind")
-        self.path = None
+        from mining.index.layout import fetch_version_files
+
+        self.path = fetch_version_files(root, version, manifest, cfg.cache_dir)  # uniqueness parts (mining.novel)
         self.params: dict = {}
         self._normalize = core.normalize
         self.dim = int(manifest.get("dim") or 0)
