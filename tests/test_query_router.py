@@ -294,6 +294,11 @@ def test_s3_index_root_served_end_to_end_with_nightly_reload(ray_head, s3_server
         assert os.path.isdir(os.path.join(cache, "shards", m["shards"][2]["id"]))
         ref = _local_engine(root, cache_dir=str(tmp_path / "ref-cache"))
         _same(ray.get(actor.embedding.remote(q[0], 8), timeout=120), ref.embedding(q[0], 8))
+        # uniqueness parts on S3: written by the build's tasks, updated incrementally by the nightly add,
+        # fetched by the router with the version directory
+        assert m0["uniqueness"]["n"] == 200 and m["uniqueness"]["incremental"] and m["uniqueness"]["n"] == 300
+        assert len(os.listdir(os.path.join(cache, "versions", m["version"], "uniqueness"))) == 3
+        _same(ray.get(actor.novel.remote(6, None, None, "uniqueness"), timeout=60), ref.novel(6, by="uniqueness"))
     finally:
         _stop(ray_head, name)
         if started:
