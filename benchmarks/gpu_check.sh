@@ -11,7 +11,8 @@
 #    REPEAT times over (default 4 -> 1,200 frames), one actor on the GPU: patches/s, GPU
 #    utilisation (nvidia-smi samples), per-stage split, host ms/frame, parity on all 300
 #    annotated frames, FLOPs/bytes and the projection next to the measurement;
-# 5. the same with the tiny model (selection-bound ceiling: the model costs ~nothing).
+# 5. the same with the tiny model (selection-bound ceiling: the model costs ~nothing);
+# 6. issue 18: the index's coarse k-means (IVF2048 on 102,400 x 512) on the GPU vs faiss on the CPU.
 # Results: the JSON lines in $OUT (or ./gpu_check_out), one per run. Goal: >= 10,000 patches/s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +51,11 @@ echo "== throughput: tiny model (selection-bound ceiling)"
 timeout 240 python benchmarks/throughput.py --data "$DATA" --device cuda --model tiny-test-random --repeat "$REPEAT" \
   --skip parity,costs 2>&1 | tee "$OUTDIR/throughput_tiny.log" | grep -v '^{' || true
 tail -1 "$OUTDIR/throughput_tiny.log" > "$OUTDIR/throughput_tiny.json" || true
+
+echo "== issue 18: coarse k-means of the index on the device (torch; the PyPI faiss wheel has no GPU code)"
+timeout 300 python benchmarks/kmeans_device.py --device cuda --nlist 2048 --n-train 102400 2>&1 \
+  | tee "$OUTDIR/kmeans_device.log" | grep -v '^{' || true
+tail -1 "$OUTDIR/kmeans_device.log" > "$OUTDIR/kmeans_device.json" || true
 
 echo "== results"
 cat "$OUTDIR"/*.json

@@ -481,3 +481,46 @@ def test_query_engine_over_ivfpq_refine(tmp_path):
     assert all(abs(h.column("score")[0].as_py() - 1.0) < 2e-3 for h in hits)
     assert all(h.column("image_uri")[0].as_py().startswith("/data/shard-") for h in hits)
     assert len(x) == 1500
+
+
+def test_coarse_kmeans_on_a_torch_device_matches_faiss_training():
+    """The torch-device coarse k-means (the GPU path where faiss has no GPU; run here on the CPU device)
+    gives the IVF unit-norm centroids that faiss keeps (it trains only PQ on top), with the quantisation
+    error and recall of faiss' own CPU training."""
+    from mining.index import kmeans
+
+    from mining.index.testing import mixture
+
+    x = core.normalize(mixture().sample(8_000, seed=3))
+    q = core.normalize(mixture().sample(64, seed=9))
+    plan = sizing.IndexPlan(kind="ivfpq-refine", dim=32, n=8_000, factory="OPQ8_32,IVF128,PQ8x4fsr", n_train=6_400,
+                            nlist=128, pq_m=8, pq_nbits=4, opq_dout=32, refine="fp16", fast_scan=True)
+    ref = core.train_index(plan, x[:plan.n_train], seed=0, gpu=False, kmeans_device=None)
+    dev = core.train_index(plan, x[:plan.n_train], seed=0, gpu=False, kmeans_device="cpu")
+    ivf = faiss.extract_index_ivf(dev)
+    cent = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    assert ivf.quantizer.ntotal == ivf.nlist and np.allclose(np.linalg.norm(cent, axis=1), 1.0, atol=1e-5)
+    e_ref, e_dev = core.quantization_error(ref, x[-2000:]), core.quantization_error(dev, x[-2000:])
+    assert abs(e_dev - e_ref) <= 0.05 * e_ref, (e_dev, e_ref)
+    ids = np.arange(len(x), dtype=np.int64)
+    truth = core.exact_topk(q, x, ids, 16)[1]
+    recalls = []
+    for ix in (ref, dev):
+        core.add_vectors(ix, x, ids)
+        core.set_params(ix, {"nprobe": 16})
+        recalls.append(core.recall_at_k(ix.search(q, 16)[1], truth, 16))
+    assert abs(recalls[0] - recalls[1]) <= 0.05, recalls
+    # faiss keeps centroids it is handed: a full, trained quantizer is not retrained by IVF.train
+    empty = core.new_index(plan)  # keep the owner alive: the chain and the IVF below point into it
+    opq = empty.chain.at(0)
+    opq.train(x[:plan.n_train])
+    xr = opq.apply(x[:plan.n_train])
+    fresh = faiss.extract_index_ivf(empty)
+    info = kmeans.train_coarse(fresh, xr, seed=1, device="cpu")
+    before = fresh.quantizer.reconstruct_n(0, fresh.nlist)
+    fresh.train(xr)
+    np.testing.assert_array_equal(fresh.quantizer.reconstruct_n(0, fresh.nlist), before)
+    assert info["nlist"] == fresh.nlist and info["device"] == "cpu"
+    other = core.new_index(plan)
+    with pytest.raises(ValueError, match="training vectors for"):
+        kmeans.train_coarse(faiss.extract_index_ivf(other), xr[:10], device="cpu")

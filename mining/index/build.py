@@ -400,7 +400,7 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
         "build_s": round(time.perf_counter() - t_start, 3),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "faiss_version": faiss.__version__,
-        "gpu": core.use_gpu(),
+        "gpu": core.kmeans_device() != "cpu", "kmeans_device": core.kmeans_device(),
         "changed": True,
         "uniqueness": uniq_info,
         **manifest_extra,

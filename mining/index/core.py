@@ -77,6 +77,14 @@ def use_gpu() -> bool:
         return False
 
 
+def kmeans_device() -> str:
+    """Where :func:`train_index` runs an IVF's coarse k-means here: "faiss-gpu" (faiss sees a GPU),
+    "torch-cuda" (faiss does not, torch does: :mod:`mining.index.kmeans`) or "cpu"."""
+    from mining.index.kmeans import torch_device
+
+    return "faiss-gpu" if use_gpu() else "torch-cuda" if torch_device() else "cpu"
+
+
 def new_index(plan: IndexPlan) -> faiss.Index:
     """An empty, untrained FAISS index for ``plan`` (inner-product metric)."""
     index = faiss.index_factory(plan.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
@@ -105,14 +113,17 @@ def _seed(index: faiss.Index, seed: int) -> None:
             index.pq.cp.seed = seed + 1
 
 
-def train_index(plan: IndexPlan, xtrain: np.ndarray, *, seed: int = 0, gpu: bool | None = None) -> faiss.Index:
+def train_index(plan: IndexPlan, xtrain: np.ndarray, *, seed: int = 0, gpu: bool | None = None,
+                kmeans_device: str | None = None) -> faiss.Index:
     """Train an empty index for ``plan`` on ``xtrain`` ((n_train, d) float32, normalised).
 
     On a machine where faiss sees GPUs (``gpu=None`` -> :func:`use_gpu`) the IVF/PQ part is
     trained on GPU 0 via ``index_cpu_to_gpu`` (PQ codes with ``useFloat16=True``; OPQ stays on
     the CPU, see ../shared/NOTES.md) and copied back with ``index_gpu_to_cpu``; if that fails,
     and for 4-bit fast-scan plans (no GPU version in faiss), the coarse k-means assignment alone
-    runs on the GPUs (``clustering_index``).  Flat and HNSW need no
+    runs on the GPUs (``clustering_index``).  Where faiss has no GPU (the PyPI ``faiss-cpu`` wheel)
+    but torch sees CUDA, the coarse k-means runs on it (:mod:`mining.index.kmeans`;
+    ``kmeans_device`` forces a torch device, "cpu" in tests).  Flat and HNSW need no
     training and are returned empty.
     Returns: a trained, empty CPU index.  Raises: ValueError on a dimension mismatch.
     """
@@ -124,6 +135,15 @@ def train_index(plan: IndexPlan, xtrain: np.ndarray, *, seed: int = 0, gpu: bool
     _seed(index, seed)
     xtrain = np.ascontiguousarray(xtrain, dtype=np.float32)
     gpu = use_gpu() if gpu is None else gpu
+    if kmeans_device is None and not gpu and plan.kind in IVF_KINDS:
+        from mining.index.kmeans import torch_device
+
+        kmeans_device = torch_device()
+    if kmeans_device and plan.kind in IVF_KINDS:
+        from mining.index.kmeans import train_ivf
+
+        log.info("coarse k-means on %s: %s", kmeans_device, train_ivf(index, xtrain, seed=seed, device=kmeans_device))
+        return index
     if gpu and plan.kind in IVF_KINDS and getattr(plan, "fast_scan", False):
         # faiss has no GPU fast-scan index: the coarse k-means (the bulk of training) runs on the GPUs
         ivf = faiss.extract_index_ivf(index)
