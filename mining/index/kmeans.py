@@ -31,7 +31,13 @@ CHUNK = 65_536  # training vectors scored against all centroids per matmul
 
 
 def torch_device() -> str | None:
-    """"cuda" when torch sees a CUDA device (and faiss has none of its own), else None."""
+    """"cuda" when torch sees a CUDA device, else None.  Hosts without NVIDIA device nodes answer None
+    without importing torch (a fresh Ray worker would pay ~2 s for the import)."""
+    import glob
+    import os
+
+    if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/dxg") or glob.glob("/dev/nvidia[0-9]*")):  # dxg: WSL2
+        return None
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency
