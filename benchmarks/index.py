@@ -162,50 +162,63 @@ def build_rows(kinds, x, ids, qtune, gt_tune, args, tmpdir):
             plan.fast_scan = "fs" in args.factory.rsplit(",", 1)[-1]
         sel = rng.choice(n, plan.n_train, replace=False)
         with core.Timer() as t_train:
-            idx = core.train_index(plan, x[np.sort(sel)], seed=args.seed)
-        fixed = index_bytes(idx)
+            trained = core.train_index(plan, x[np.sort(sel)], seed=args.seed)
+        fixed = index_bytes(trained)
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
-        with core.Timer() as t_add:
+        # the codes: the product's default encoding (core.default_eta), or each --eta in turn on the same codebooks
+        etas = [core.default_eta(trained)] if args.eta is None else [float(e) for e in args.eta.split(",")]
+        variants = [(qz, eta) for qz in args.quantizer.split(",") for eta in etas]
+        for qz, eta in variants:
+            idx = faiss.clone_index(trained) if len(variants) > 1 else trained
+            if qz == "hnsw":  # the coarse step as an HNSW graph over the same centroids
+                core.use_hnsw_quantizer(idx)
+            codes = "faiss' nearest-codeword codes" if eta == 1 else f"score-aware codes, eta {eta:g}"
+            codes += ", HNSW coarse quantizer" if qz == "hnsw" else ""
+            with core.Timer() as t_add:
+                if kind == "ivfpq":
+                    core.add_vectors(idx, x, ids, eta=eta)
+                else:  # labels = rows of the patch_id-sorted version
+                    rows = np.empty(n, np.int64)
+                    rows[order] = np.arange(n)
+                    core.add_vectors(idx, x, rows, eta=eta)
+            build = t_train.s + t_add.s
+            nb = index_bytes(idx)
+            print(f"# {kind} {plan.factory} ({codes}): train {t_train.s:.1f} s on {plan.n_train} vectors, "
+                  f"add {t_add.s:.1f} s", flush=True)
             if kind == "ivfpq":
-                core.add_vectors(idx, x, ids)
-            else:  # labels = rows of the patch_id-sorted version
-                rows = np.empty(n, np.int64)
-                rows[order] = np.arange(n)
-                core.add_vectors(idx, x, rows)
-        build = t_train.s + t_add.s
-        nb = index_bytes(idx)
-        print(f"# {kind} {plan.factory}: train {t_train.s:.1f} s on {plan.n_train} vectors, add {t_add.s:.1f} s",
-              flush=True)
-        if kind == "ivfpq":
-            p, r = core.tune("ivfpq", idx, lambda q, k, pp: faiss_search(idx, pp)(q, k)[1], qtune, gt_tune,
-                             k=K, recall_target=args.recall_target, nlist=plan.nlist)
-            yield Row("ivfpq", "ivfpq", plan.factory, idx, faiss_search(idx, {}), build, nb, n, p, fixed_bytes=fixed)
-        else:
-            path = os.path.join(tmpdir, REFINE_FILE)
-            with core.Timer() as t_ref:
-                write_refine(path, x, order)
-            refine, vec = open_refine(path)
-            meta = pa.table({"patch_id": sorted_ids})
-            pidx = PatchIndex(idx, meta, {"kind": "ivfpq-refine", "refine": "fp16"}, {}, vec, refine=refine)
+                p, r = core.tune("ivfpq", idx, lambda q, k, pp: faiss_search(idx, pp)(q, k)[1], qtune, gt_tune,
+                                 k=K, recall_target=args.recall_target, nlist=plan.nlist)
+                yield Row(f"ivfpq ({codes})", "ivfpq", plan.factory, idx, faiss_search(idx, {}), build, nb, n, p,
+                          fixed_bytes=fixed)
+            else:
+                path = os.path.join(tmpdir, REFINE_FILE)
+                with core.Timer() as t_ref:
+                    if not os.path.exists(path):
+                        write_refine(path, x, order)
+                refine, vec = open_refine(path)
+                meta = pa.table({"patch_id": sorted_ids})
+                pidx = PatchIndex(idx, meta, {"kind": "ivfpq-refine", "refine": "fp16"}, {}, vec, refine=refine)
 
-            def refine_search(q, k, pp, pidx=pidx):
-                if pp != pidx.params:
-                    pidx.set_params(pp)
-                return pidx.search(q, k)
+                def refine_search(q, k, pp, pidx=pidx):
+                    if pp != pidx.params:
+                        pidx.set_params(pp)
+                    return pidx.search(q, k)
 
-            p, r = core.tune("ivfpq-refine", idx, lambda q, k, pp: refine_search(q, k, pp)[1], qtune, gt_tune,
-                             k=K, recall_target=args.recall_target, nlist=plan.nlist)
-            row = Row("ivfpq-refine (IndexRefine, float16 refine file)", "ivfpq-refine", plan.factory + " + refine fp16",
-                      idx, refine_search, build + t_ref.s, nb, n, p, extra_bytes=os.path.getsize(path),
-                      fixed_bytes=fixed)
-            row.note = time_split(idx, pidx, p, qtune, args.timing_queries)
-            yield row
-            if args.scann or args.refine2:
-                yield from two_stage_refine_rows(idx, pidx, refine, p, x, order, sorted_ids, qtune, gt_tune, args,
-                                                 tmpdir, build + t_ref.s, nb, fixed)
-            del pidx, refine, vec
-        del idx
+                p, r = core.tune("ivfpq-refine", idx, lambda q, k, pp: refine_search(q, k, pp)[1], qtune, gt_tune,
+                                 k=K, recall_target=args.recall_target, nlist=plan.nlist)
+                row = Row(f"ivfpq-refine (IndexRefine, float16 refine file; {codes})", "ivfpq-refine",
+                          plan.factory + " + refine fp16", idx, refine_search, build + t_ref.s, nb, n, p,
+                          extra_bytes=os.path.getsize(path), fixed_bytes=fixed)
+                row.note = time_split(idx, pidx, p, qtune, args.timing_queries)
+                yield row
+                if args.refine2:
+                    yield from two_stage_refine_rows(idx, pidx, refine, p, x, order, sorted_ids, qtune, gt_tune, args,
+                                                     tmpdir, build + t_ref.s, nb, fixed)
+                del pidx, refine, vec
+            del idx
+            gc.collect()
+        del trained
         gc.collect()
     if args.scann:
         yield from scann_rows(x, ids, qtune, gt_tune, args, tmpdir)
@@ -429,8 +442,16 @@ def main(argv=None):
     ap.add_argument("--scann", action="store_true",
                     help="with --kind ivfpq-refine: also ScaNN on the same vectors (pip install '.[ann-peers]') and the "
                          "2-stage SQ8 -> fp16 refine rows")
+    ap.add_argument("--eta", default=None,
+                    help="ivfpq rows: score-aware encoding weight(s), comma-separated, each a row on the same codebooks "
+                         "(1 = faiss' own codes; default: the product's, mining.index.core.default_eta)")
+    ap.add_argument("--quantizer", default="flat",
+                    help="ivfpq rows: coarse quantizer(s), comma-separated: flat, hnsw (core.use_hnsw_quantizer on "
+                         "the trained index); every quantizer x --eta pair is a row")
     ap.add_argument("--refine2", action="store_true", help="with --kind ivfpq-refine: add the 2-stage SQ8 -> fp16 refine rows")
     args = ap.parse_args(argv)
+    if set(args.quantizer.split(",")) - {"flat", "hnsw"}:
+        ap.error(f"--quantizer: unknown coarse quantizer in {args.quantizer!r} (flat, hnsw)")
     if args.shards or args.streaming:
         import index_sharded
 

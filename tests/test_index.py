@@ -154,6 +154,7 @@ def test_refine_three_parts_and_nightly_equal_reference(tmp_path):
     write_store(data, 3, 500)
     m = mi.build_index(data, out, kind="ivfpq-refine", use_ray=False, n_parts=3, verbose=False)
     assert m["n_parts"] == 3 and m["refine"] == "fp16" and "x4fsr" in m["factory"]
+    assert m["score_aware_eta"] == core.default_eta(faiss.read_index(os.path.join(mi.open_index(out).path, TRAINED_FILE))) > 1
     q = mixture().sample(40, seed=78)
     for step in ("build", "nightly"):
         ix = mi.open_index(out)
@@ -161,8 +162,14 @@ def test_refine_three_parts_and_nightly_equal_reference(tmp_path):
         ids = ids.astype(np.int64)
         s_ref, i_ref = _reference_refine(os.path.join(ix.path, TRAINED_FILE), x, ids, ix.params, q, 10)
         s, i = ix.search(q, 10)
-        assert np.mean(i == i_ref) >= 0.98, (step, np.mean(i == i_ref))
-        np.testing.assert_allclose(s, s_ref, atol=2e-3)
+        # equal up to ties of the 4-bit scores at the k * k_factor candidate cut, which the order of the
+        # entries in a list decides (parts merged, nightly parts appended vs one add): 0.965 seen with
+        # score-aware codes at k_factor 4, at the same recall as the reference
+        assert np.mean(i == i_ref) >= 0.95, (step, np.mean(i == i_ref))
+        exact = core.exact_topk(core.normalize(q), x, ids, 10)[1]
+        assert core.recall_at_k(i, exact, 10) >= core.recall_at_k(i_ref, exact, 10) - 0.01
+        same = (i == i_ref).all(axis=1)
+        np.testing.assert_allclose(s[same], s_ref[same], atol=2e-3)
         # ids come back as patch_ids, and their exact vectors are the stored ones
         pos = np.searchsorted(np.sort(ids), i[:, 0])
         np.testing.assert_allclose(ix.reconstruct_exact(i[:, 0]), x[np.argsort(ids)][pos], atol=2e-3)
@@ -524,3 +531,86 @@ def test_coarse_kmeans_on_a_torch_device_matches_faiss_training():
     other = core.new_index(plan)
     with pytest.raises(ValueError, match="training vectors for"):
         kmeans.train_coarse(faiss.extract_index_ivf(other), xr[:10], device="cpu")
+
+
+# --------------------------------------------------------------------------- score-aware codes (issue 18)
+
+def _trained(factory, x, d):
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    if isinstance(index, faiss.IndexPreTransform):
+        core.configure_opq(faiss.downcast_VectorTransform(index.chain.at(0)))  # the build's short OPQ budget
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        ivf.do_polysemous_training = False  # as core.new_index: slow, and never used
+    index.train(x)
+    return index
+
+
+@pytest.mark.parametrize("factory", ["OPQ16_64,IVF32,PQ16x4fsr", "IVF32,PQ16x4fs", "IVF16,PQ16x8"])
+def test_score_aware_add_with_eta_1_equals_faiss_add(factory):
+    """eta = 1 is faiss' nearest-codeword encoding: our encode + pack + list append must give the same
+    index as faiss' add_with_ids (same search results), also over two add calls that cross 32-entry blocks."""
+    from mining.index import anisotropic
+
+    d = 64
+    mix = mixture(0, d)
+    x, q = mix.sample(6_000, seed=3), mix.sample(50, seed=4)
+    ref = _trained(factory, x, d)
+    ours = faiss.clone_index(ref)
+    ids = np.arange(len(x), dtype=np.int64) * 5 + 1
+    ref.add_with_ids(x, ids)
+    anisotropic.add_with_ids(ours, x[:2_500], ids[:2_500], eta=1.0)
+    anisotropic.add_with_ids(ours, x[2_500:], ids[2_500:], eta=1.0, chunk=1_000)
+    assert ours.ntotal == ref.ntotal == len(x)
+    for index in (ref, ours):
+        faiss.extract_index_ivf(index).nprobe = 8
+    s_ref, i_ref = ref.search(q, 40)
+    s_ours, i_ours = ours.search(q, 40)
+    np.testing.assert_array_equal(i_ours, i_ref)
+    np.testing.assert_allclose(s_ours, s_ref, atol=1e-5)
+
+
+def test_score_aware_codes_lower_the_parallel_error_and_never_raise_the_loss():
+    """Guo et al. 2020 Theorem 3.3: loss = ||r||^2 + (eta - 1)(r.x)^2. Coordinate descent from the
+    nearest-codeword codes never raises any vector's loss, and it trades orthogonal for parallel error."""
+    from mining.index import anisotropic
+
+    rng = np.random.default_rng(0)
+    m_sub, k_sub, dsub, n = 16, 16, 4, 3_000
+    x = rng.standard_normal((n, m_sub * dsub)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cb = (rng.standard_normal((m_sub, k_sub, dsub)) * 0.25).astype(np.float32)
+    c1 = anisotropic.encode(x, x, cb, eta=1.0, device="cpu")
+    c4 = anisotropic.encode(x, x, cb, eta=4.0, device="cpu")
+
+    def errors(codes):
+        rec = cb[np.arange(m_sub)[None, :], codes.astype(np.int64)].reshape(n, -1)
+        r = x - rec
+        par = (r * x).sum(1)
+        return (r * r).sum(1), par ** 2
+
+    tot1, par1 = errors(c1)
+    tot4, par4 = errors(c4)
+    assert (c1 != c4).any()
+    loss1, loss4 = tot1 + 3 * par1, tot4 + 3 * par4
+    assert (loss4 <= loss1 + 1e-5).all()
+    assert loss4.mean() < 0.95 * loss1.mean()
+    assert par4.mean() < 0.5 * par1.mean()  # the parallel error is what the weight pushes down
+    assert tot4.mean() >= tot1.mean() - 1e-6  # paid for with reconstruction error (c1 minimises it)
+    with pytest.raises(ValueError, match="eta"):
+        anisotropic.encode(x, x, cb, eta=0.5)
+    with pytest.raises(ValueError, match="shapes"):
+        anisotropic.encode(x[:, :32], x, cb)
+
+
+def test_fast_scan_indexes_get_score_aware_codes_by_default():
+    x = mixture(0, 32).sample(2_000, seed=1)
+    fs = _trained("IVF8,PQ8x4fsr", x, 32)
+    pq8 = _trained("IVF8,PQ8x4", x, 32)
+    flat = faiss.index_factory(32, "IDMap,Flat", faiss.METRIC_INNER_PRODUCT)
+    from mining.index import anisotropic
+
+    assert core.default_eta(fs) == anisotropic.DEFAULT_ETA > 1
+    assert core.default_eta(pq8) == core.default_eta(flat) == 1.0
+    with pytest.raises(TypeError, match="IVF-PQ"):
+        core.add_vectors(flat, x[:10], np.arange(10), eta=4.0)

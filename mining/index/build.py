@@ -401,6 +401,7 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "faiss_version": faiss.__version__,
         "gpu": core.kmeans_device() != "cpu", "kmeans_device": core.kmeans_device(),
+        "score_aware_eta": core.default_eta(index) if kind != "hnsw" else 1.0,  # mining.index.anisotropic
         "changed": True,
         "uniqueness": uniq_info,
         **manifest_extra,

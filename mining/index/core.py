@@ -13,6 +13,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from mining.index.blocklists import merge_block_lists  # noqa: F401  (re-exported: core.merge_block_lists)
 from mining.index.sizing import DEFAULT_K_FACTOR, IVF_KINDS, IndexPlan
 
 log = logging.getLogger(__name__)
@@ -192,9 +193,31 @@ def use_hnsw_quantizer(index: faiss.Index, *, m: int = HNSW_QUANTIZER_M, ef: int
     hq.this.disown()  # the IVF index owns (and serialises) the graph now
 
 
-def add_vectors(index: faiss.Index, x: np.ndarray, ids: np.ndarray, *, chunk: int = 65_536) -> None:
-    """``add_with_ids`` in chunks (x: (n, d) float32 normalised; ids: (n,) int64 patch ids)."""
+def default_eta(index: faiss.Index) -> float:
+    """The score-aware encoding weight :func:`add_vectors` uses for ``index`` by default:
+    ``anisotropic.DEFAULT_ETA`` for a 4-bit fast-scan IVF-PQ (the ivfpq-refine kind, whose candidates are
+    re-ranked exactly, so only their ranking matters), 1.0 (faiss' own encoding) for everything else."""
+    from mining.index import anisotropic
+
+    ivf = anisotropic.score_aware_ivf(index)
+    return anisotropic.DEFAULT_ETA if isinstance(ivf, faiss.IndexIVFPQFastScan) else 1.0
+
+
+def add_vectors(index: faiss.Index, x: np.ndarray, ids: np.ndarray, *, chunk: int = 65_536,
+                eta: float | None = None) -> None:
+    """``add_with_ids`` in chunks (x: (n, d) float32 normalised; ids: (n,) int64 patch ids).
+
+    ``eta`` > 1 chooses the IVF-PQ codes by the score-aware loss (:mod:`mining.index.anisotropic`,
+    Guo et al. 2020) instead of faiss' nearest-codeword encoding; None -> :func:`default_eta`.
+    Raises TypeError when eta > 1 is asked of an index that has no IVF-PQ codes.
+    """
     ids = np.ascontiguousarray(ids, dtype=np.int64)
+    eta = default_eta(index) if eta is None else float(eta)
+    if eta != 1.0:
+        from mining.index import anisotropic
+
+        anisotropic.add_with_ids(index, x, ids, eta=eta, chunk=chunk)
+        return
     for s in range(0, len(ids), chunk):
         index.add_with_ids(np.ascontiguousarray(x[s:s + chunk], dtype=np.float32), ids[s:s + chunk])
 
@@ -218,66 +241,6 @@ def merge_indexes(dst: faiss.Index, *srcs: faiss.Index) -> None:
         return
     for src in srcs:
         faiss.merge_into(dst, src, False)
-
-
-def _unpack_list(inv, packer, lno: int) -> np.ndarray:
-    """(m, code_size) uint8 codes of list ``lno`` of a BlockInvertedLists, unpacked from its blocks."""
-    m = inv.list_size(lno)
-    npb, bs, cs = int(packer.nvec), int(packer.block_size), int(packer.code_size)
-    nb = (m + npb - 1) // npb
-    blocks = faiss.rev_swig_ptr(inv.get_codes(lno), nb * bs)  # a view: unpack_all copies out of it
-    flat = np.empty((nb * npb, cs), np.uint8)
-    for b in range(nb):
-        packer.unpack_all(faiss.swig_ptr(blocks[b * bs:(b + 1) * bs]), faiss.swig_ptr(flat[b * npb:(b + 1) * npb]))
-    return flat[:m]
-
-
-def merge_block_lists(dst: faiss.Index, srcs: list[faiss.Index]) -> int:
-    """Append the inverted lists of fast-scan IVF indexes ``srcs`` to ``dst``'s, list by list; sources are emptied.
-
-    Why not ``faiss.merge_into``: in faiss 1.15 ``BlockInvertedLists::add_entries`` appends packed
-    blocks with one ``memcpy`` of the list's total block bytes at the old end whenever the old list
-    size is a multiple of ``block_size``, so appending to a list that already holds
-    ``block_size`` (2,048 for PQ128x4fs) or another nonzero multiple of entries writes past the
-    buffer. Seen as ``malloc(): corrupted top size`` in the 5M-vector merge task (issue 18); reproduced
-    with 14-20 parts of 5,000 vectors on IVF64,PQ32x4fs. Here each destination list is rebuilt once:
-    its entries and every source's are unpacked (``CodePacker.unpack_all``), concatenated, packed
-    again (``pack_all``) and added to the emptied list, where ``add_entries`` copies whole blocks.
-    Cost: one unpack + one pack per 32-vector block (about 2 Python calls per block).
-    Returns: entries added. Raises: TypeError when ``dst`` does not have BlockInvertedLists.
-    """
-    div = faiss.extract_index_ivf(dst)
-    dinv = faiss.downcast_InvertedLists(div.invlists)
-    if not isinstance(dinv, faiss.BlockInvertedLists):
-        raise TypeError("merge_block_lists needs a fast-scan IVF index (BlockInvertedLists)")
-    packer = dinv.packer
-    npb, bs = int(packer.nvec), int(packer.block_size)
-    sinvs = [faiss.downcast_InvertedLists(faiss.extract_index_ivf(s).invlists) for s in srcs]
-    added = 0
-    for lno in range(div.nlist):
-        parts = [(inv, inv.list_size(lno)) for inv in [dinv, *sinvs]]
-        if sum(m for inv, m in parts if inv is not dinv) == 0:
-            continue
-        ids = np.concatenate([faiss.rev_swig_ptr(inv.get_ids(lno), m) for inv, m in parts if m])  # copies
-        codes = np.concatenate([_unpack_list(inv, packer, lno) for inv, m in parts if m])
-        n = len(ids)
-        nb = (n + npb - 1) // npb
-        flat = np.zeros((nb * npb, codes.shape[1]), np.uint8)
-        flat[:n] = codes
-        packed = np.zeros(nb * bs, np.uint8)
-        for b in range(nb):
-            packer.pack_all(faiss.swig_ptr(flat[b * npb:(b + 1) * npb]), faiss.swig_ptr(packed[b * bs:(b + 1) * bs]))
-        added += n - dinv.list_size(lno)
-        dinv.resize(lno, 0)
-        dinv.add_entries(lno, n, faiss.swig_ptr(np.ascontiguousarray(ids, np.int64)), faiss.swig_ptr(packed))
-    for s, inv in zip(srcs, sinvs):
-        for lno in range(div.nlist):
-            inv.resize(lno, 0)
-        faiss.extract_index_ivf(s).ntotal = 0
-        s.ntotal = 0
-    div.ntotal += added
-    dst.ntotal = div.ntotal
-    return added
 
 
 def relabel_ivf(index: faiss.Index, mapping: Callable[[np.ndarray], np.ndarray]) -> int:

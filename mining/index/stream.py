@@ -119,6 +119,7 @@ def _train_task(out_root: str, trained_id: str, plan_d: dict, seed: int, nq: int
            "train_s": round(train_s, 3), "seed": seed, "kmeans_device": core.kmeans_device(),
            "gpu": core.kmeans_device() != "cpu", "faiss_version": faiss.__version__,
            "hnsw_quantizer": plan.nlist >= core.HNSW_QUANTIZER_MIN_NLIST,
+           "score_aware_eta": core.default_eta(trained),  # how the encode tasks choose codes (mining.index.anisotropic)
            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **meta}
     publish.write_json_atomic(os.path.join(staging, publish.MANIFEST), man)
     if upload:
