@@ -12,7 +12,8 @@
 #    utilisation (nvidia-smi samples), per-stage split, host ms/frame, parity on all 300
 #    annotated frames, FLOPs/bytes and the projection next to the measurement;
 # 5. the same with the tiny model (selection-bound ceiling: the model costs ~nothing);
-# 6. issue 18: the index's coarse k-means (IVF2048 on 102,400 x 512) on the GPU vs faiss on the CPU.
+# 6. issue 18: the index's coarse k-means (IVF2048 on 102,400 x 512) on the GPU vs faiss on the CPU;
+# 7. issue 18: score-aware PQ encoding of 1M x 512 vectors on the GPU vs the CPU (codes must agree).
 # Results: the JSON lines in $OUT (or ./gpu_check_out), one per run. Goal: >= 10,000 patches/s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +57,11 @@ echo "== issue 18: coarse k-means of the index on the device (torch; the PyPI fa
 timeout 300 python benchmarks/kmeans_device.py --device cuda --nlist 2048 --n-train 102400 2>&1 \
   | tee "$OUTDIR/kmeans_device.log" | grep -v '^{' || true
 tail -1 "$OUTDIR/kmeans_device.log" > "$OUTDIR/kmeans_device.json" || true
+
+echo "== issue 18: score-aware PQ encoding on the device (mining.index.anisotropic)"
+timeout 240 python benchmarks/encode_device.py --device cuda --n 1000000 2>&1 \
+  | tee "$OUTDIR/encode_device.log" | grep -v '^{' || true
+tail -1 "$OUTDIR/encode_device.log" > "$OUTDIR/encode_device.json" || true
 
 echo "== results"
 cat "$OUTDIR"/*.json
