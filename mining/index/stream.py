@@ -13,7 +13,9 @@
    ``trained/<id>/`` (codebooks + tuning queries) and returns only its id;
 4. **encode**: one task per part (a group of consecutive committed fragments of at most
    ``part_max_vectors`` vectors, inside one shard's date range): ``mining.index.parts.encode_part``
-   writes the part's lists and its sorted float16 run under ``<root>/.parts-<build>/``;
+   writes the part's lists and its sorted float16 run under ``<root>/.parts-<build>/``. The codes
+   are score-aware (``mining.index.anisotropic``, torch), so on a cluster with GPUs each encode task
+   takes ``ENCODE_GPU_SHARE`` of one and encodes on the device;
 5. **merge**: one task per shard (``parts.merge_to_shard``): streams the parts into
    ``shards/<id>/`` and tunes the shard; then the driver publishes the version (manifests only)
    and deletes the parts.
@@ -55,6 +57,9 @@ COMPACT_SMALL_VECTORS = TARGET_SHARD_VECTORS // 4  # a shard below this is "smal
 COMPACT_MIN_RUN = 4  # compact when at least this many consecutive old shards are small
 N_TUNE_QUERIES = 256
 TASK_OPTIONS = {"num_cpus": 1, "max_retries": 2, "max_calls": 1}
+# encode tasks on a cluster with GPUs take this share of one, so the score-aware encoder
+# (mining.index.anisotropic, torch) runs on the device: 4 tasks per GPU, each with <= 4.3 GB of tables
+ENCODE_GPU_SHARE = 0.25
 
 
 # --------------------------------------------------------------------------- task plumbing
@@ -67,6 +72,15 @@ def _run_tasks(use_ray: bool, fn, arglist: list[tuple], *, resources: dict | Non
 
     remote = ray.remote(**{**TASK_OPTIONS, **(resources or {})})(fn)
     return ray.get([remote.remote(*a) for a in arglist])
+
+
+def _gpu_share(use_ray: bool, share: float) -> dict:
+    """``{"num_gpus": share}`` when the Ray cluster has GPUs, else ``{}`` (Ray hides GPUs from tasks that ask for none)."""
+    if not use_ray:
+        return {}
+    import ray
+
+    return {"num_gpus": share} if ray.cluster_resources().get("GPU", 0) > 0 else {}
 
 
 def _local_or_tmp(uri: str) -> tuple[str, bool]:
@@ -152,8 +166,7 @@ def train_codebooks(data_root: str, out_root: str, records: list[dict], plan: si
 
         sample = ray.remote(**TASK_OPTIONS)(_sample_task)
         refs = [sample.remote(*a) for a in arglist]  # the driver passes refs on, never the rows
-        gpu = {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) > 0 else {}
-        train = ray.remote(**{**TASK_OPTIONS, **gpu})(_train_task)
+        train = ray.remote(**{**TASK_OPTIONS, **_gpu_share(True, 1)})(_train_task)
         return ray.get(train.remote(out_root, trained_id, plan.to_dict(), seed, nq, meta, *refs))
     samples = [_sample_task(*a) for a in arglist]
     return _train_task(out_root, trained_id, plan.to_dict(), seed, nq, meta, *samples)
@@ -234,7 +247,8 @@ def build_shards(data_root: str, out_root: str, trained_id: str, shard_groups: l
                   for si, recs in enumerate(shard_groups)]
     try:
         enc = _run_tasks(use_ray, _encode_task, [(out_root, trained_id, data_root, g, uri)
-                                                  for sp in plan_parts for g, uri in sp])
+                                                  for sp in plan_parts for g, uri in sp],
+                         resources=_gpu_share(use_ray, ENCODE_GPU_SHARE))
         merges = []
         for si, recs in enumerate(shard_groups):
             dates = sorted(r["date"] for r in recs)
