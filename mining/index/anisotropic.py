@@ -153,6 +153,7 @@ def add_with_ids(index: faiss.Index, x: np.ndarray, ids: np.ndarray, *, eta: flo
     Returns: n. Raises: TypeError for an unsupported index; ValueError for shape mismatches.
     """
     from mining.index.blocklists import append_entries
+    from mining.index.core import ivf_input
 
     ivf = score_aware_ivf(index)
     if ivf is None:
@@ -163,30 +164,12 @@ def add_with_ids(index: faiss.Index, x: np.ndarray, ids: np.ndarray, *, eta: flo
         raise ValueError(f"{len(x)} vectors but {len(ids)} ids")
     if len(x) == 0:
         return 0
-    chain = []
-    outer = faiss.downcast_index(index)
-    while isinstance(outer, faiss.IndexPreTransform):  # OPQ rotation (orthonormal: xt stays a unit vector)
-        chain += [faiss.downcast_VectorTransform(outer.chain.at(i)) for i in range(outer.chain.size())]
-        outer = faiss.downcast_index(outer.index)
     pq = ivf.pq
     cb = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
     lists = np.empty(len(x), np.int64)
     packed = np.empty((len(x), int(ivf.code_size)), np.uint8)
     for s in range(0, len(x), chunk):  # bounded memory: chunk x D float32 rotated vectors and residuals
-        xt = x[s:s + chunk]
-        for vt in chain:
-            xt = vt.apply(xt)
-        xt = np.ascontiguousarray(xt, np.float32)
-        _, lno = ivf.quantizer.search(xt, 1)
-        lno = lno[:, 0]
-        if (lno < 0).any():
-            raise ValueError("the coarse quantizer returned no list for some vectors (untrained index?)")
-        if ivf.by_residual:
-            uniq, inv = np.unique(lno, return_inverse=True)  # only the lists these vectors fall into
-            cent = np.stack([ivf.quantizer.reconstruct(int(j)) for j in uniq])
-            residual = xt - cent[inv.reshape(-1)]
-        else:
-            residual = xt
+        xt, lno, _, residual, _ = ivf_input(index, x[s:s + chunk])
         codes = encode(residual, xt, cb, eta=eta, sweeps=sweeps, device=device)
         lists[s:s + len(xt)] = lno
         packed[s:s + len(xt)] = pack_codes(codes, pq.nbits)

@@ -28,18 +28,20 @@ def _unpack_list(inv, packer, lno: int) -> np.ndarray:
     return flat[:m]
 
 
+def _list_entries(inv, lno: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (m,) int64, flat codes (m, code_size) uint8) of list ``lno`` of a BlockInvertedLists, copied out."""
+    m = inv.list_size(lno)
+    if not m:
+        return np.empty(0, np.int64), np.empty((0, int(inv.packer.code_size)), np.uint8)
+    return faiss.rev_swig_ptr(inv.get_ids(lno), m).copy(), _unpack_list(inv, inv.packer, lno)
+
+
 def merge_block_lists(dst: faiss.Index, srcs: list[faiss.Index]) -> int:
     """Append the inverted lists of fast-scan IVF indexes ``srcs`` to ``dst``'s, list by list; sources are emptied.
 
-    Why not ``faiss.merge_into``: in faiss 1.15 ``BlockInvertedLists::add_entries`` appends packed
-    blocks with one ``memcpy`` of the list's total block bytes at the old end whenever the old list
-    size is a multiple of ``block_size``, so appending to a list that already holds
-    ``block_size`` (2,048 for PQ128x4fs) or another nonzero multiple of entries writes past the
-    buffer. Seen as ``malloc(): corrupted top size`` in the 5M-vector merge task (issue 18); reproduced
-    with 14-20 parts of 5,000 vectors on IVF64,PQ32x4fs. Here each destination list is rebuilt once:
-    its entries and every source's are unpacked (``CodePacker.unpack_all``), concatenated, packed
-    again (``pack_all``) and added to the emptied list, where ``add_entries`` copies whole blocks.
-    Cost: one unpack + one pack per 32-vector block (about 2 Python calls per block).
+    Instead of ``faiss.merge_into``, which overflows (module docstring; reproduced with 14-20 parts of
+    5,000 vectors on IVF64,PQ32x4fs): each destination list is rebuilt once from its entries and every
+    source's. Cost: one unpack + one pack per 32-vector block (about 2 Python calls per block).
     Returns: entries added. Raises: TypeError when ``dst`` does not have BlockInvertedLists.
     """
     div = faiss.extract_index_ivf(dst)
@@ -53,8 +55,9 @@ def merge_block_lists(dst: faiss.Index, srcs: list[faiss.Index]) -> int:
         parts = [(inv, inv.list_size(lno)) for inv in [dinv, *sinvs]]
         if sum(m for inv, m in parts if inv is not dinv) == 0:
             continue
-        ids = np.concatenate([faiss.rev_swig_ptr(inv.get_ids(lno), m) for inv, m in parts if m])  # copies
-        codes = np.concatenate([_unpack_list(inv, packer, lno) for inv, m in parts if m])
+        entries = [_list_entries(inv, lno) for inv, m in parts if m]
+        ids = np.concatenate([e[0] for e in entries])
+        codes = np.concatenate([e[1] for e in entries])
         added += len(ids) - dinv.list_size(lno)
         _rebuild_list(dinv, packer, lno, ids, codes)
     for s, inv in zip(srcs, sinvs):
@@ -107,9 +110,7 @@ def append_entries(ivf, lists: np.ndarray, ids: np.ndarray, codes: np.ndarray) -
     for lno in np.flatnonzero(np.diff(bounds)):
         sel = order[bounds[lno]:bounds[lno + 1]]
         if block:
-            m = inv.list_size(int(lno))
-            old_ids = faiss.rev_swig_ptr(inv.get_ids(int(lno)), m).copy() if m else np.empty(0, np.int64)
-            old = _unpack_list(inv, inv.packer, int(lno)) if m else np.empty((0, codes.shape[1]), np.uint8)
+            old_ids, old = _list_entries(inv, int(lno))
             _rebuild_list(inv, inv.packer, int(lno), np.concatenate([old_ids, ids[sel]]),
                           np.concatenate([old, codes[sel]]))
         else:

@@ -373,6 +373,7 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
     index_bytes = sum(os.path.getsize(os.path.join(staging, f)) for f in (INDEX_FILE, "merged.ivfdata")
                       if os.path.exists(os.path.join(staging, f)))
     info = dataset_info(data_root, warn=False)
+    kmeans_device = core.kmeans_device()
     manifest = {
         "version": version,
         "kind": kind,
@@ -400,8 +401,8 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
         "build_s": round(time.perf_counter() - t_start, 3),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "faiss_version": faiss.__version__,
-        "gpu": core.kmeans_device() != "cpu", "kmeans_device": core.kmeans_device(),
-        "score_aware_eta": core.default_eta(index) if kind != "hnsw" else 1.0,  # mining.index.anisotropic
+        "kmeans_device": kmeans_device, "gpu": kmeans_device != "cpu",
+        "score_aware_eta": core.default_eta(index),  # mining.index.anisotropic (1.0: faiss' encoding)
         "changed": True,
         "uniqueness": uniq_info,
         **manifest_extra,

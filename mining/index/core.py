@@ -483,6 +483,33 @@ def tune(
 
 # --------------------------------------------------------------------------- quantisation error
 
+def ivf_input(index: faiss.Index, x: np.ndarray):
+    """What the PQ of an IVF index encodes for ``x``: the vectors through its pre-transforms (OPQ), their
+    coarse cells, the cells' centroids and the residuals (the rotated vectors when not ``by_residual``).
+
+    Args: index: a trained IVF index, optionally behind ``IndexPreTransform`` s. x: (n, D_in) float32.
+    Returns: (xt (n, D) float32, lists (n,) int64, centroids (n, D) float32, residual (n, D) float32,
+        the ``VectorTransform`` s applied, in order).
+    Raises: ValueError when the coarse quantizer returns no cell (an untrained index).
+    """
+    xt, vts = np.ascontiguousarray(x, dtype=np.float32), []
+    outer = faiss.downcast_index(index)
+    while isinstance(outer, faiss.IndexPreTransform):
+        for i in range(outer.chain.size()):
+            vts.append(faiss.downcast_VectorTransform(outer.chain.at(i)))
+            xt = vts[-1].apply(xt)
+        outer = faiss.downcast_index(outer.index)
+    xt = np.ascontiguousarray(xt, dtype=np.float32)
+    ivf = faiss.extract_index_ivf(index)
+    _, cell = ivf.quantizer.search(xt, 1)
+    lists = cell[:, 0]
+    if (lists < 0).any():
+        raise ValueError("the coarse quantizer returned no list for some vectors (untrained index?)")
+    cent = ivf.quantizer.reconstruct_batch(lists)
+    resid = np.ascontiguousarray(xt - cent) if ivf.by_residual else xt
+    return xt, lists, cent, resid, vts
+
+
 def quantization_error(index: faiss.Index, x: np.ndarray) -> float:
     """Mean squared reconstruction error ||x - decode(encode(x))||^2 of normalised x (n, d).
 
@@ -501,17 +528,8 @@ def quantization_error(index: faiss.Index, x: np.ndarray) -> float:
     if isinstance(ivf, faiss.IndexIVFPQFastScan):
         # sa_decode of IVF fast-scan indexes crashes in faiss 1.15: decode by hand
         # (pre-transforms, coarse cell, residual PQ), then undo the (orthonormal) OPQ rotation
-        xt = x
-        vts = []
-        if isinstance(inner, faiss.IndexPreTransform):
-            for i in range(inner.chain.size()):
-                vt = faiss.downcast_VectorTransform(inner.chain.at(i))
-                xt = vt.apply(xt)
-                vts.append(vt)
-        _, cell = ivf.quantizer.search(xt, 1)
-        cent = ivf.quantizer.reconstruct_batch(cell[:, 0])
-        resid = xt - cent if ivf.by_residual else xt
-        rec = ivf.pq.decode(ivf.pq.compute_codes(np.ascontiguousarray(resid)))
+        _, _, cent, resid, vts = ivf_input(index, x)
+        rec = ivf.pq.decode(ivf.pq.compute_codes(resid))
         rec = rec + cent if ivf.by_residual else rec
         for vt in reversed(vts):
             rec = vt.reverse_transform(rec)

@@ -109,18 +109,17 @@ def _shard_task(out_root: str, shard_id: str, against: list[str], prev_uris: lis
     t0 = time.perf_counter()
     parts.start_anon_sampler()
     k1 = k + 1
-    if out_uri is None:
-        ids = np.asarray(layout.shard_meta(out_root, shard_id, cache_dir).column("patch_id").to_numpy(), np.int64)
-        dups = {}
-        for b_id in against:
-            if b_id != shard_id:
-                hit = np.intersect1d(ids, layout.shard_meta(out_root, b_id, cache_dir).column("patch_id").to_numpy(),
-                                     assume_unique=True)
-                if len(hit):
-                    dups[b_id] = int(len(hit))
+    ids = np.asarray(layout.shard_meta(out_root, shard_id, cache_dir).column("patch_id").to_numpy(), np.int64)
+    dups = {}
+    for b_id in against:
+        if b_id != shard_id:
+            hit = np.intersect1d(ids, layout.shard_meta(out_root, b_id, cache_dir).column("patch_id").to_numpy(),
+                                 assume_unique=True)
+            if len(hit):
+                dups[b_id] = int(len(hit))
+    if dups or out_uri is None:  # a duplicate fails the publish; out_uri None: the check was all that was asked
         return {"shard": shard_id, "n": len(ids), "duplicates": dups, "stats": parts.task_stats(t0)}
     a = layout.open_shard(out_root, shard_id, cache_dir=cache_dir)
-    ids = np.asarray(a.metadata().column("patch_id").to_numpy(), np.int64)
     best_s = np.full((len(ids), k1), -np.inf, np.float32)
     best_i = np.full((len(ids), k1), -1, np.int64)
     prev = _read_parts(prev_uris)
@@ -131,16 +130,8 @@ def _shard_task(out_root: str, shard_id: str, against: list[str], prev_uris: lis
         nb_i = np.asarray(prev.column("nb_id").combine_chunks().flatten().to_numpy(), np.int64).reshape(-1, k1)
         nb_s = np.asarray(prev.column("nb_score").combine_chunks().flatten().to_numpy(), np.float32).reshape(-1, k1)
         best_s[ok], best_i[ok] = nb_s[pos[ok]], nb_i[pos[ok]]
-    dups = {}
     for b_id in against:
         b = a if b_id == shard_id else layout.open_shard(out_root, b_id, cache_dir=cache_dir)
-        if b is not a:
-            hit = np.intersect1d(ids, np.asarray(b.metadata().column("patch_id").to_numpy(), np.int64),
-                                 assume_unique=True)
-            if len(hit):
-                dups[b_id] = int(len(hit))
-        if dups:
-            continue
         for s0 in range(0, len(ids), BATCH):
             x = a.reconstruct_exact(ids[s0:s0 + BATCH])
             s, i = b.search(x, max(k1, SEARCH_K))  # the depth the shard was tuned for; the best k1 are kept below
@@ -148,8 +139,6 @@ def _shard_task(out_root: str, shard_id: str, against: list[str], prev_uris: lis
             best_s[sl], best_i[sl] = merge_neighbours(np.concatenate([best_s[sl], s], 1),
                                                       np.concatenate([best_i[sl], i], 1), k1)
         del b
-    if dups:
-        return {"shard": shard_id, "n": len(ids), "duplicates": dups, "stats": parts.task_stats(t0)}
     r = weighted_distance(neighbour_distances(ids, best_s, best_i, k), WEIGHTS[:k]).astype(np.float32)
     table = pa.table({
         "patch_id": pa.array(ids, pa.int64()), "knn_distance": pa.array(r, pa.float32()),

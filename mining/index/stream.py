@@ -129,9 +129,10 @@ def _train_task(out_root: str, trained_id: str, plan_d: dict, seed: int, nq: int
     os.makedirs(staging, exist_ok=True)
     faiss.write_index(trained, os.path.join(staging, layout.TRAINED_FILE))
     np.save(os.path.join(staging, layout.TUNE_QUERIES), queries)
+    kmeans_device = core.kmeans_device()
     man = {"id": trained_id, "plan": plan.to_dict(), "n_train_sample": int(len(xtrain)), "quant_error": round(qerr, 6),
-           "train_s": round(train_s, 3), "seed": seed, "kmeans_device": core.kmeans_device(),
-           "gpu": core.kmeans_device() != "cpu", "faiss_version": faiss.__version__,
+           "train_s": round(train_s, 3), "seed": seed, "kmeans_device": kmeans_device,
+           "gpu": kmeans_device != "cpu", "faiss_version": faiss.__version__,
            "hnsw_quantizer": plan.nlist >= core.HNSW_QUANTIZER_MIN_NLIST,
            "score_aware_eta": core.default_eta(trained),  # how the encode tasks choose codes (mining.index.anisotropic)
            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **meta}

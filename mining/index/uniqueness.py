@@ -118,10 +118,21 @@ def compute_uniqueness(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.
             r = weighted_distance(neighbour_distances(ids, s, nb, k), weights)
         pids.append(ids)
         raw.append(r)
-    pid = np.concatenate(pids) if pids else np.zeros(0, np.int64)
-    r = np.concatenate(raw) if raw else np.zeros(0)
+    return uniqueness_table(np.concatenate(pids) if pids else np.zeros(0, np.int64),
+                            np.concatenate(raw) if raw else np.zeros(0), k)
+
+
+def uniqueness_table(patch_ids: np.ndarray, knn_distance: np.ndarray, k: int = len(WEIGHTS)) -> pa.Table:
+    """Normalise weighted kNN distances by their maximum over the whole version and sort by patch_id.
+
+    Args: patch_ids (n,) int64; knn_distance (n,) float (:func:`weighted_distance`); k: neighbours (K).
+    Returns: ``patch_id`` int64 (sorted), ``uniqueness`` float32 in [0, 1] (1 for every patch when the
+    version has n <= k patches: nothing has k neighbours), ``knn_distance`` float32.
+    """
+    pid = np.asarray(patch_ids, np.int64)
+    r = np.asarray(knn_distance, np.float64)
     top = float(r.max()) if len(r) else 0.0
-    u = r / top if top > 0 else np.zeros_like(r)
+    u = np.ones(len(r)) if len(r) <= k else (r / top if top > 0 else np.zeros_like(r))
     order = np.argsort(pid, kind="stable")
     return pa.table({"patch_id": pa.array(pid[order], pa.int64()),
                      "uniqueness": pa.array(u[order].astype(np.float32), pa.float32()),
@@ -153,14 +164,7 @@ def read_uniqueness(vdir: str | None) -> pa.Table | None:
     if not files:
         return None
     t = pa.concat_tables([pq.read_table(os.path.join(pdir, f), columns=["patch_id", "knn_distance"]) for f in files])
-    pid = t.column("patch_id").to_numpy()
-    order = np.argsort(pid, kind="stable")
-    r = t.column("knn_distance").to_numpy()[order].astype(np.float64)
-    top = float(r.max()) if len(r) else 0.0
-    u = np.ones(len(r)) if len(r) <= len(WEIGHTS) else (r / top if top > 0 else np.zeros_like(r))
-    return pa.table({"patch_id": pa.array(pid[order], pa.int64()),
-                     "uniqueness": pa.array(u.astype(np.float32), pa.float32()),
-                     "knn_distance": pa.array(r.astype(np.float32), pa.float32())})
+    return uniqueness_table(t.column("patch_id").to_numpy(), t.column("knn_distance").to_numpy())
 
 
 def uniqueness_of_index(pidx, vector_batches: Iterable[tuple[np.ndarray, np.ndarray]], *, batch: int = 65_536,
