@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
 import os
 import sys
 import tempfile
@@ -494,7 +495,10 @@ def main(argv=None):
                         "rows": [{k: r[k] for k in ("name", "recall_at_16", "bytes_per_vector", "ms_per_query", "build_s")} for r in results]}
                      if args.all else
                      {k: main_row[k] for k in ("kind", "n", "recall_at_16", "bytes_per_vector", "ms_per_query", "build_s", "ms_per_query_batch64")}
-                     | ({"shards": 1, "rows": [{k: r[k] for k in ("name", "recall_at_16", "bytes_per_vector",
+                     # the in-process build: the driver is the process (its ru_maxrss), and there are no tasks
+                     | {"shards": 1, "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                        "max_task_peak_rss_mb": None}
+                     | ({"rows": [{k: r[k] for k in ("name", "recall_at_16", "bytes_per_vector",
                                                                   "extra_disk_bytes_per_vector", "ms_per_query", "build_s",
                                                                   "params", "note")} for r in results]}
                         if len(results) > 1 else {})))
