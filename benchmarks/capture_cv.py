@@ -63,7 +63,7 @@ CANDIDATES = {
 for _e in EPITOMES:
     for _w in (0.1, 0.25, 0.5):
         CANDIDATES[f"pooled/sr-bms+{_w:g}*epitome[{_e}]"] = ("hierarchical-pooled", (("sr-bms", 1 - _w), (f"ep:{_e}", _w)))
-# weight-free variants of the default preset (one principled change each; see mining/selection.py)
+# weight-free variants of the default preset (one principled change each; see mining/selection/presets.py)
 CANDIDATES["pooled+border/sr-bms"] = ("hierarchical-pooled", (("sr-bms", 1.0),), {"cover_border": True})
 CANDIDATES["pooled+tiles1.5/sr-bms"] = ("hierarchical-pooled", (("sr-bms", 1.0),), {"level1_tiles": 1.5})
 CANDIDATES["pooled+context0.5/sr-bms"] = ("hierarchical-pooled", (("sr-bms", 1.0),), {"context": 0.5})
