@@ -9,7 +9,8 @@ Public API::
     list_versions(out_root) -> list[str]; drop_version(out_root, version)
 
 Kinds: flat, hnsw (HNSW32), ivfpq (OPQ+IVF+8-bit PQ), ivfpq-refine (OPQ+IVF+4-bit fast-scan PQ
-candidates re-ranked by faiss.IndexRefine with the exact float16 vectors), sq8.  Sizing rules: :mod:`mining.index.sizing`.  See docs/index.md.
+candidates re-ranked by faiss.IndexRefine with the exact float16 vectors), sq8.  Sizing rules: :mod:`mining.index.sizing`;
+FAISS mechanics: :mod:`mining.index.core`; search-parameter tuning: :mod:`mining.index.tuning`.  See docs/index.md.
 
 Sharded versions (issue 18; ``build_index(..., shards=S)``, :mod:`mining.index.layout`, :mod:`mining.index.stream`):
 a version is a list of immutable shards **by date range**, not by patch_id hash: a night's data is a new
