@@ -22,7 +22,8 @@ Workloads per S: ``--queries`` sequential calls (batch 1, 1 client) and ``--clie
 each running a bounded loop of ``--queries-per-client`` calls. Recall@16 of the router's answers
 against exact search over all vectors is reported per S (dedup off for it).
 
-The last line is one JSON object (``mode: "router"``, per-S p50 / p99 / qps at 1 and 16 clients).
+The last line is one JSON object (``mode: "router"``, per-S p50 / p99 / qps at 1 and 16 clients, and the
+bytes the shard actors prefaulted or why they served cold: ``prefault_bytes``, ``prefault_skipped``).
 """
 from __future__ import annotations
 
@@ -169,8 +170,12 @@ def run_router(args) -> int:
             with cf.ThreadPoolExecutor(args.clients) as ex:
                 many = [x for part in ex.map(lambda qs: [call(q) for q in qs], chunks) for x in part]
             wall16 = time.perf_counter() - tw
+            pf = [a.get("prefault") or {} for a in hs["serving"]["actors"]]
             r = {"shards": s, "actors": len(hs["serving"]["actors"]), "reload_s": round(reload_s, 2),
-                 "recall_at_16": round(float(recall), 4)}
+                 "recall_at_16": round(float(recall), 4),
+                 # each shard actor's prefault (bytes read into the page cache, or why it served cold)
+                 "prefault_bytes": sum(int(p.get("bytes") or 0) for p in pf),
+                 "prefault_skipped": sorted({str(p["skipped"]) for p in pf if p.get("skipped")})}
             for tag, res, wall in (("c1", one, None), (f"c{args.clients}", many, wall16)):
                 lat = [m for m, _ in res]
                 search = [timings_of(t)["search_ms"] for _, t in res]
