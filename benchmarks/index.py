@@ -322,21 +322,44 @@ def _scann_version() -> str:
         return "?"
 
 
-def scann_rows(x, ids, qtune, gt_tune, args, tmpdir):
-    """ScaNN (Guo et al. 2020, "Accelerating Large-Scale Inference with Anisotropic Vector Quantization") on
-    the same vectors, one row per :data:`SCANN_CONFIGS`: tree (2000 leaves) + asymmetric hashing (anisotropic
-    threshold 0.2) [+ exact float32 re-order]. leaves_to_search (and the re-order depth) are tuned on the
-    tuning queries to the same recall target (fastest of those that reach it; when none does, the setting
-    with the best recall). Single query calls (``searcher.search``): one thread."""
+def scann_searcher(x: np.ndarray, dims_per_block: int, reorder_depth: int | None = None):
+    """A ScaNN searcher over x (n, d) float32, dot product: tree of 2,000 leaves + asymmetric hashing
+    (``dims_per_block`` dims per 4-bit block, anisotropic threshold 0.2) [+ exact float32 re-order of up to
+    ``reorder_depth`` candidates, which keeps the float32 dataset in memory]; trained with one thread."""
     import scann
 
+    b = (scann.scann_ops_pybind.builder(x, K, "dot_product")
+         .tree(num_leaves=2000, num_leaves_to_search=100, training_sample_size=min(len(x), 250_000))
+         .score_ah(dims_per_block, anisotropic_quantization_threshold=0.2))
+    return (b.reorder(reorder_depth) if reorder_depth else b).set_n_training_threads(1).build()
+
+
+def tune_scann(recall, latency, leaves_grid, depths, target: float):
+    """ScaNN's search settings by the rule of our other rows' tuning, on the tuning queries: for each
+    leaves_to_search in ``leaves_grid`` the smallest re-order depth whose ``recall(leaves, depth)`` reaches
+    ``target`` + 0.005, and of those the one with the lowest ``latency(leaves, depth)``.
+    Returns (best (latency, leaves, depth) or None when none reaches it, tried [(recall, leaves, depth)])."""
+    best, tried = None, []
+    for leaves in leaves_grid:
+        for depth in depths:
+            r = recall(leaves, depth)
+            tried.append((r, leaves, depth))
+            if r >= target + 0.005:
+                cand = (latency(leaves, depth), leaves, depth)
+                best = min(best, cand, key=lambda c: c[0]) if best else cand
+                break
+    return best, tried
+
+
+def scann_rows(x, ids, qtune, gt_tune, args, tmpdir):
+    """ScaNN (Guo et al. 2020, "Accelerating Large-Scale Inference with Anisotropic Vector Quantization") on
+    the same vectors, one row per :data:`SCANN_CONFIGS` (:func:`scann_searcher`). leaves_to_search (and the
+    re-order depth) are tuned on the tuning queries to the same recall target (:func:`tune_scann`; when none
+    reaches it, the setting with the best recall). Single query calls (``searcher.search``): one thread."""
     n = len(x)
     for name, dims_per_block, reorder in SCANN_CONFIGS:
         with core.Timer() as t:
-            b = (scann.scann_ops_pybind.builder(x, K, "dot_product")
-                 .tree(num_leaves=2000, num_leaves_to_search=100, training_sample_size=min(n, 250_000))
-                 .score_ah(dims_per_block, anisotropic_quantization_threshold=0.2))
-            searcher = (b.reorder(200) if reorder else b).set_n_training_threads(1).build()
+            searcher = scann_searcher(x, dims_per_block, 200 if reorder else None)
         sdir = os.path.join(tmpdir, f"scann{dims_per_block}{int(reorder)}")
         os.makedirs(sdir, exist_ok=True)
         searcher.serialize(sdir)
@@ -347,31 +370,30 @@ def scann_rows(x, ids, qtune, gt_tune, args, tmpdir):
             out = [searcher.search(qq, final_num_neighbors=k, leaves_to_search=pp["leaves"], **kw) for qq in q]
             return np.stack([o[1] for o in out]).astype(np.float32), ids[np.stack([o[0] for o in out]).astype(np.int64)]
 
-        best, tried = None, []
-        for leaves in (25, 50, 100, 200, 400):
-            for depth in ((50, 100, 200, 400) if reorder else (None,)):
-                pp = {"leaves": leaves, **({"reorder": depth} if depth else {})}
-                r = core.recall_at_k(search(qtune, K, pp)[1], gt_tune, K)
-                tried.append((r, pp))
-                if r >= args.recall_target + 0.005:
-                    ts = []
-                    for i in range(min(64, len(qtune))):
-                        t0 = time.perf_counter()
-                        search(qtune[i:i + 1], K, pp)
-                        ts.append(time.perf_counter() - t0)
-                    cand = (float(np.median(ts)), pp)
-                    best = min(best, cand, key=lambda c: c[0]) if best else cand
-                    break
+        def params(leaves, depth):
+            return {"leaves": leaves, **({"reorder": depth} if depth else {})}
+
+        def latency(leaves, depth, search=search):
+            ts = []
+            for i in range(min(64, len(qtune))):
+                t0 = time.perf_counter()
+                search(qtune[i:i + 1], K, params(leaves, depth))
+                ts.append(time.perf_counter() - t0)
+            return float(np.median(ts))
+
+        best, tried = tune_scann(lambda le, de, search=search: core.recall_at_k(search(qtune, K, params(le, de))[1], gt_tune, K),
+                                 latency, (25, 50, 100, 200, 400), (50, 100, 200, 400) if reorder else (None,),
+                                 args.recall_target)
         if best:
-            params, note = best[1], ""
+            pp, note = params(best[1], best[2]), ""
         else:
-            top = max(r for r, _ in tried)
-            params = next(pp for r, pp in tried if r >= top - 0.002)
+            top = max(r for r, _, _ in tried)
+            pp = next(params(le, de) for r, le, de in tried if r >= top - 0.002)
             note = f"does not reach the recall target on the tuning queries (best {top:.4f}); "
         note += ("serialized size = resident (the re-order keeps the float32 dataset)" if reorder
                  else "serialized size = resident (codes, datapoint ids, tree)")
         yield Row(name, "scann", f"scann {_scann_version()}", None,
-                  search, t.s, nbytes, n, params, note=note)
+                  search, t.s, nbytes, n, pp, note=note)
         del searcher
         gc.collect()
 

@@ -26,8 +26,8 @@ What it does, in one process, one thread (faiss, torch and ScaNN):
 5. With ``--scann``: ScaNN (tree of 2,000 leaves) at its 1M configuration (anisotropic hashing with
    2 dims per 4-bit block, 128 B of codes, float32 re-order), and with 4 dims per block (64 B of codes,
    our code size) plus float32 re-order: ScaNN doing our amount of work.  leaves and re-order depth
-   are tuned on the same tuning queries (the fastest setting whose mean recall reaches the target
-   plus 0.005, as in ``benchmarks/index.py``).
+   are tuned on the same tuning queries, recall and latency (the fastest setting whose mean recall
+   reaches the target plus 0.005: ``benchmarks/index.py``'s ``tune_scann``).
 
 Timings are medians over ``--repeats`` passes of the held-out queries, one query per call.
 The last printed line is JSON.
@@ -166,43 +166,38 @@ def time_ours(parts: Parts, params: dict, qeval: np.ndarray, repeats: int) -> di
 
 
 def scann_rows(x, qtune, gt_tune, qeval, gt_eval, args):
-    import scann
+    """The two ScaNN rows (module docstring), built by ``benchmarks/index.py``'s :func:`scann_searcher` and
+    tuned by its :func:`tune_scann` on the tuning queries (latency timed on them too); recall and
+    latency reported on the held-out queries."""
+    from index import scann_searcher, tune_scann  # benchmarks/index.py (this script's directory)
 
     rows = []
     for name, dims, depths in (("ScaNN AH 2 dims/block (128 B codes) + float32 re-order", 2, (50, 100, 200, 400)),
                                ("ScaNN AH 4 dims/block (64 B codes, ours) + float32 re-order", 4, (128, 256, 512, 1024))):
         t0 = time.perf_counter()
-        searcher = (scann.scann_ops_pybind.builder(x, K, "dot_product")
-                    .tree(num_leaves=2000, num_leaves_to_search=100, training_sample_size=min(len(x), 250_000))
-                    .score_ah(dims, anisotropic_quantization_threshold=0.2).reorder(max(depths))
-                    .set_n_training_threads(1).build())
+        searcher = scann_searcher(x, dims, max(depths))
         build_s = time.perf_counter() - t0
 
         def run(q, leaves, depth, searcher=searcher):
             return np.stack([searcher.search(qq, final_num_neighbors=K, leaves_to_search=leaves,
                                              pre_reorder_num_neighbors=depth)[0] for qq in q]).astype(np.int64)
 
-        def ms(leaves, depth, searcher=searcher):
+        def ms(q, leaves, depth, searcher=searcher):
             ts = []
             for _ in range(args.repeats):
-                for qq in qeval:
+                for qq in q:
                     t1 = time.perf_counter()
                     searcher.search(qq, final_num_neighbors=K, leaves_to_search=leaves, pre_reorder_num_neighbors=depth)
                     ts.append(time.perf_counter() - t1)
             return _median_ms(ts)
 
-        best = None
-        for leaves in (25, 50, 100, 200):
-            for depth in depths:
-                if core.recall_at_k(run(qtune, leaves, depth), gt_tune, K) >= args.recall_target + 0.005:
-                    cand = (ms(leaves, depth), leaves, depth)
-                    best = min(best, cand) if best else cand
-                    break
+        best, _ = tune_scann(lambda le, de, run=run: core.recall_at_k(run(qtune, le, de), gt_tune, K),
+                             lambda le, de, ms=ms: ms(qtune, le, de), (25, 50, 100, 200), depths, args.recall_target)
         if best is None:
             rows.append({"name": name, "note": "does not reach the recall target on the tuning queries"})
             continue
-        t_ms, leaves, depth = best
-        rows.append({"name": name, "leaves": leaves, "reorder": depth, "ms_per_query": ms(leaves, depth),
+        _, leaves, depth = best
+        rows.append({"name": name, "leaves": leaves, "reorder": depth, "ms_per_query": ms(qeval, leaves, depth),
                      "recall_at_16": round(core.recall_at_k(run(qeval, leaves, depth), gt_eval, K), 4),
                      "build_s": round(build_s, 1)})
         print(rows[-1], flush=True)

@@ -17,12 +17,8 @@ import numpy as np
 
 from mining.index.blocklists import merge_block_lists  # noqa: F401  (re-exported: core.merge_block_lists)
 from mining.index.sizing import IVF_KINDS, IndexPlan
-from mining.index.tuning import (  # noqa: F401  (re-exported: core.tune, core.recall_at_k, ...)
+from mining.index.tuning import (  # noqa: F401  (re-exported for the callers of core.tune, core.recall_at_k, ...)
     K_FACTORS,
-    TUNE_EXTRA_NPROBES,
-    TUNE_NPROBES,
-    TUNE_TIMING_QUERIES,
-    TUNE_TIMING_REPEATS,
     per_query_recall,
     recall_at_k,
     recall_lower_bound,
