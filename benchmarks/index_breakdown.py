@@ -218,6 +218,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.n < sizing.PQ_MIN_TRAIN or args.queries < 4:  # below it the plan has no OPQ stage to time
         ap.error(f"need --n >= {sizing.PQ_MIN_TRAIN} (an OPQ plan) and --queries >= 4")
+    if args.repeats < 1 or args.budget_bytes_per_vector <= 0 or not 0 < args.recall_target <= 1:
+        ap.error("need --repeats >= 1, --budget-bytes-per-vector > 0 and 0 < --recall-target <= 1")
     faiss.omp_set_num_threads(1)
     import torch
 

@@ -378,6 +378,27 @@ def test_tune_explores_nprobe_and_keeps_the_fastest():
     assert r == 0.5 and p == {"nprobe": 1, "k_factor": 4}  # unreachable: the smallest with the best recall
 
 
+def test_tune_tries_the_steps_between_powers_of_two():
+    """nprobe 24 sits between 16 and 32 (the 1M case of RESULTS.md, issue 18): when 16 misses the target
+    and 24 reaches it, ivfpq takes 24, not 32; with a lower target 16 is still kept."""
+    from mining.index.tuning import TUNE_NPROBES
+
+    assert TUNE_NPROBES[:10] == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+    truth = np.tile(np.arange(16), (4, 1))
+    q = np.zeros((4, 8), np.float32)
+
+    def search(qq, k, p):
+        out = truth.copy()
+        if p["nprobe"] < 24:
+            out[:, 8:] = -5  # recall 0.5
+        return out
+
+    p, r = core.tune("ivfpq", None, search, q, truth, nlist=2048)
+    assert p == {"nprobe": 24} and r == 1.0
+    p, r = core.tune("ivfpq", None, search, q, truth, nlist=2048, recall_target=0.5, margin=0.0)
+    assert p == {"nprobe": 1} and r == 0.5
+
+
 def test_tune_needs_the_lower_confidence_bound_to_reach_the_target():
     """A setting whose mean recall on the tuning queries passes the target but whose 95% lower
     confidence bound does not is not taken (the 1M held-out miss in RESULTS.md, issue 18)."""
