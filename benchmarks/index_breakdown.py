@@ -29,6 +29,13 @@ What it does, in one process, one thread (faiss, torch and ScaNN):
    are tuned on the same tuning queries, recall and latency (the fastest setting whose mean recall
    reaches the target plus 0.005: ``benchmarks/index.py``'s ``tune_scann``).
 
+6. With ``--rabitq``: faiss' RaBitQ (``IndexIVFRaBitQFastScan``, 1 bit per dimension, same IVF2048 and the same
+   float16 re-rank from the memory-mapped refine file, tuned by the product's :func:`mining.index.core.tune`):
+   over all 512 dims (a 64 B code + 8 B of per-vector factors: over an 80 B budget at 1M), and after an
+   uncentred PCA to 448 dims (56 B + 8 B: inside it).  The PCA must be uncentred: faiss' ``PCAMatrix``
+   subtracts the mean, which changes inner-product rankings (measured: it never reached 0.95).
+   A candidate for the first pass, not the product's path.
+
 Timings are medians over ``--repeats`` passes of the held-out queries, one query per call.
 The last printed line is JSON.
 """
@@ -205,6 +212,55 @@ def scann_rows(x, qtune, gt_tune, qeval, gt_eval, args):
     return rows
 
 
+def uncentred_pca(xt: np.ndarray, d_out: int) -> faiss.LinearTransform:
+    """A (d_out, D) projection on the top eigenvectors of ``xt.T @ xt / n`` (no mean subtracted, no bias),
+    so that inner products are kept up to the dropped energy.  xt: (n, D) float32."""
+    w, v = np.linalg.eigh(xt.T.astype(np.float64) @ xt / len(xt))
+    lt = faiss.LinearTransform(xt.shape[1], d_out, False)
+    faiss.copy_array_to_vector(np.ascontiguousarray(v[:, ::-1][:, :d_out].T, dtype=np.float32).ravel(), lt.A)
+    lt.is_trained = True
+    return lt
+
+
+def rabitq_rows(x, refine, qtune, gt_tune, qeval, gt_eval, nlist: int, args) -> list[dict]:
+    """The RaBitQ rows (module docstring item 6)."""
+    rows, rng = [], np.random.default_rng(args.seed)
+    xt = x[np.sort(rng.choice(len(x), min(len(x), 50 * nlist), replace=False))]
+    for d_out in (512, 448):
+        inner = faiss.index_factory(d_out, f"IVF{nlist},RaBitQfs", faiss.METRIC_INNER_PRODUCT)
+        lt = uncentred_pca(xt, d_out) if d_out < x.shape[1] else None
+        idx = faiss.IndexPreTransform(lt, inner) if lt is not None else inner
+        t0 = time.perf_counter()
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        idx.train(xt)
+        for s in range(0, len(x), 65_536):
+            idx.add(x[s:s + 65_536])
+        faiss.omp_set_num_threads(1)
+        build_s = time.perf_counter() - t0
+        full = faiss.IndexRefine(idx, refine)
+
+        def search_fn(qq, k, params, idx=idx, full=full):
+            core.set_params(idx, params)
+            full.k_factor = float(params["k_factor"])
+            return full.search(core.normalize(qq, dim=x.shape[1]), k)[1]
+
+        params, _ = core.tune("ivfpq-refine", idx, search_fn, qtune, gt_tune, k=K,
+                              recall_target=args.recall_target, nlist=nlist)
+        ts = []
+        for _ in range(args.repeats):
+            for i in range(len(qeval)):
+                t1 = time.perf_counter()
+                search_fn(qeval[i:i + 1], K, params)
+                ts.append(time.perf_counter() - t1)
+        name = f"faiss IVF{nlist},RaBitQfs (1 bit/dim) over " + ("512 dims" if lt is None else f"uncentred PCA{d_out}")
+        rows.append({"name": name + " + float16 re-rank", "params": params, "ms_per_query": _median_ms(ts),
+                     "recall_at_16": round(core.recall_at_k(search_fn(qeval, K, params), gt_eval, K), 4),
+                     "bytes_per_vector": round(len(faiss.serialize_index(idx)) / len(x), 1), "build_s": round(build_s, 1)})
+        print(rows[-1], flush=True)
+        del full, idx, inner
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -215,6 +271,7 @@ def main(argv=None):
     ap.add_argument("--recall-target", type=float, default=0.95)
     ap.add_argument("--index", default="", help="cache the built index at this path (reused when it exists)")
     ap.add_argument("--scann", action="store_true", help="add the ScaNN rows (pip install scann)")
+    ap.add_argument("--rabitq", action="store_true", help="add the faiss RaBitQ rows (module docstring, item 6)")
     args = ap.parse_args(argv)
     if args.n < sizing.PQ_MIN_TRAIN or args.queries < 4:  # below it the plan has no OPQ stage to time
         ap.error(f"need --n >= {sizing.PQ_MIN_TRAIN} (an OPQ plan) and --queries >= 4")
@@ -257,6 +314,8 @@ def main(argv=None):
                   "bytes_per_vector": round(b_per_v, 1), "params": params, "recall_at_16": round(recall, 4),
                   "fused_recall_at_16": round(fused_recall, 4), "build_s": round(tb.s, 1), **ours}
         print(json.dumps(result), flush=True)
+        if args.rabitq:
+            result["rabitq"] = rabitq_rows(x, refine, qtune, gt_tune, qeval, gt_eval, ivf.nlist, args)
         del parts, refine, vectors
     if args.scann:
         result["scann"] = scann_rows(x, qtune, gt_tune, qeval, gt_eval, args)
