@@ -11,6 +11,7 @@ import pytest
 
 import mining.index as mi  # noqa: E402
 from mining.index import build as ib  # noqa: E402
+from mining.index import source  # noqa: E402
 from mining.index import core, publish, sizing  # noqa: E402
 from mining.index.search import TRAINED_FILE  # noqa: E402
 from mining.store import embeddings_from_arrow, open_patches, read_ledger  # noqa: E402
@@ -97,7 +98,7 @@ def test_sizing_rules():
 def test_sampling_is_uniform_across_shards(tmp_path):
     root = str(tmp_path / "data")
     write_store(root, 4, 200)
-    recs = ib._records(root)
+    recs = source.committed_records(root)
     x = mi.sample_vectors(root, recs, 400, seed=3)
     allx, _ = all_vectors(root)
     # each sampled vector comes from the store, and every shard contributes (not the first N rows)
@@ -338,11 +339,11 @@ def test_random_init_warning(tmp_path):
 
 def test_group_records_contiguous_and_balanced():
     recs = [{"shard": f"s{i}", "num_patches": n} for i, n in enumerate([100, 100, 100, 100, 100, 100, 10, 500])]
-    groups = ib.group_records(recs, 3)
+    groups = source.group_records(recs, 3)
     assert len(groups) == 3
     assert [r["shard"] for g in groups for r in g] == [r["shard"] for r in recs], "ledger order kept"
-    assert ib.group_records(recs[:2], 5) == [[recs[0]], [recs[1]]]  # never more parts than shards
-    assert ib.group_records(recs, 1) == [recs]
+    assert source.group_records(recs[:2], 5) == [[recs[0]], [recs[1]]]  # never more parts than shards
+    assert source.group_records(recs, 1) == [recs]
 
 
 def test_tune_explores_nprobe_and_keeps_the_fastest():

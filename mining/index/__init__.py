@@ -10,7 +10,8 @@ Public API::
 
 Kinds: flat, hnsw (HNSW32), ivfpq (OPQ+IVF+8-bit PQ), ivfpq-refine (OPQ+IVF+4-bit fast-scan PQ
 candidates re-ranked by faiss.IndexRefine with the exact float16 vectors), sq8.  Sizing rules: :mod:`mining.index.sizing`;
-FAISS mechanics: :mod:`mining.index.core`; search-parameter tuning: :mod:`mining.index.tuning`.  See docs/index.md.
+FAISS mechanics: :mod:`mining.index.core`; search-parameter tuning: :mod:`mining.index.tuning`; reading the
+committed store (records, vectors, training sample, task groups): :mod:`mining.index.source`.  See docs/index.md.
 
 Sharded versions (issue 18; ``build_index(..., shards=S)``, :mod:`mining.index.layout`, :mod:`mining.index.stream`):
 a version is a list of immutable shards **by date range**, not by patch_id hash: a night's data is a new
@@ -20,7 +21,8 @@ every shard, so unequal shard sizes cost balance, not correctness; all shards sh
 codebooks, so sharded recall at equal parameters is never below the single index's.  The in-memory
 (single-index) build stays the default for small stores (flat/hnsw/sq8 kinds, uniqueness.parquet).
 """
-from mining.index.build import build_index, sample_vectors
+from mining.index.build import build_index
+from mining.index.source import sample_vectors
 from mining.index.update import update_index
 from mining.index.publish import current_version, drop_version, list_versions
 from mining.index.layout import ShardedIndex, fetch_version, open_index, open_shard

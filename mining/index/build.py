@@ -30,11 +30,12 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from mining.fs import join
 from mining.index import core, publish, sizing
 from mining.index.search import (INDEX_FILE, META_COLUMNS, META_FILE, PARAMS_FILE, REFINE_FILE, TRAINED_FILE,
                                  PatchIndex, open_refine, write_meta, write_refine)
-from mining.store import dataset_info, embeddings_from_arrow, read_ledger, read_part_columns
+from mining.index.source import (check_unique_patch_ids, committed_records, group_records, read_shard,
+                                 sample_vectors, shard_vectors)
+from mining.store import dataset_info
 
 log = logging.getLogger(__name__)
 
@@ -47,93 +48,6 @@ DRIFT_RATIO = 1.5  # retrain when quantisation error of new data > 1.5x the erro
 DRIFT_SAMPLE = 4096  # new vectors sampled to measure drift
 QUERIES_FILE = "tune_queries.npy"
 TRUTH_FILE = "tune_truth.npz"
-
-
-# --------------------------------------------------------------------------- store access
-
-def _records(data_root: str) -> list[dict]:
-    return [r for r in read_ledger(data_root) if r.get("num_patches", 0) > 0 and "patches" in r.get("files", {})]
-
-
-def check_unique_patch_ids(data_root: str, records: list[dict]) -> None:
-    """Refuse to index a store whose committed shards hold the same ``patch_id`` twice (the same frames
-    mined under two shard keys): the index would return duplicates. Says which shards.
-
-    Raises:
-        ValueError: one line with the number of duplicated ids and the shards that hold them.
-    """
-    import numpy as np
-
-    ids, owners = [], []
-    for r in records:
-        t = _read_shard(data_root, r, ["patch_id"])
-        ids.append(t.column("patch_id").to_numpy())
-        owners.append(np.full(t.num_rows, len(owners), np.int64))
-    if not ids:
-        return
-    x = np.concatenate(ids)
-    o = np.concatenate(owners)
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    dup = np.flatnonzero(xs[1:] == xs[:-1])
-    if len(dup):
-        shards = sorted({records[int(o[order][j])]["shard"] for d in dup for j in (d, d + 1)})
-        raise ValueError(f"refusing to build the index: {len(dup)} patch_id(s) occur more than once in the store "
-                         f"(the same frames committed under several shards): {', '.join(shards[:6])}"
-                         + (f" and {len(shards) - 6} more" if len(shards) > 6 else ""))
-
-
-def _read_shard(data_root: str, rec: dict, columns) -> pa.Table:
-    """``columns`` of a shard's patches part; optional columns an older part lacks (``novelty``) are null."""
-    return read_part_columns(join(data_root, rec["files"]["patches"]), list(columns))
-
-
-def _vectors(table: pa.Table) -> np.ndarray:
-    """embedding column -> (n, D) float32, re-normalised (stored as float16)."""
-    x = embeddings_from_arrow(table.column("embedding"))
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(n, 1e-12), dtype=np.float32)
-
-
-def sample_vectors(data_root: str, records: list[dict], n: int, seed: int = 0) -> np.ndarray:
-    """``n`` vectors drawn uniformly at random without replacement from all patches of ``records``.
-
-    Global row numbers are sampled over the concatenation of all shards (so every patch has the
-    same probability, whatever its shard), then each shard is read once.
-    Returns (min(n, N), D) float32 normalised vectors, in random order.
-    """
-    counts = np.array([r["num_patches"] for r in records], dtype=np.int64)
-    total = int(counts.sum())
-    n = min(n, total)
-    rng = np.random.default_rng(seed)
-    picks = np.sort(rng.choice(total, size=n, replace=False))
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    out = []
-    for i, rec in enumerate(records):
-        lo, hi = np.searchsorted(picks, [offsets[i], offsets[i + 1]])
-        if hi > lo:
-            t = _read_shard(data_root, rec, ["embedding"])
-            out.append(_vectors(t.take(pa.array(picks[lo:hi] - offsets[i]))))
-    x = np.concatenate(out) if out else np.zeros((0, records[0]["embedding_dim"]), np.float32)
-    return x[rng.permutation(len(x))]
-
-
-def group_records(records: list[dict], n_parts: int) -> list[list[dict]]:
-    """Split records (in ledger order) into <= n_parts contiguous groups of about equal patch counts."""
-    n_parts = max(1, min(n_parts, len(records)))
-    total = sum(r["num_patches"] for r in records)
-    groups, cur, acc = [], [], 0
-    for j, r in enumerate(records):
-        cur.append(r)
-        acc += r["num_patches"]
-        left = len(records) - j - 1  # records after this one
-        need = n_parts - len(groups) - 1  # groups still to open after this one
-        if need > 0 and (acc >= total * (len(groups) + 1) / n_parts or left == need):
-            groups.append(cur)
-            cur = []
-    if cur:
-        groups.append(cur)
-    return groups
 
 
 # --------------------------------------------------------------------------- one part (a Ray task)
@@ -155,8 +69,8 @@ def add_part(trained: np.ndarray | None, data_root: str, records: list[dict], qu
     gt_s = np.full((len(queries), k), core.MISSING_SCORE, np.float32)
     gt_i = np.full((len(queries), k), -1, np.int64)
     for rec in records:
-        t = _read_shard(data_root, rec, list(META_COLUMNS) + ["embedding"])
-        x = _vectors(t)
+        t = read_shard(data_root, rec, list(META_COLUMNS) + ["embedding"])
+        x = shard_vectors(t)
         ids = t.column("patch_id").to_numpy().astype(np.int64)
         if index is not None:
             core.add_vectors(index, x, ids)
@@ -226,8 +140,8 @@ def _write_uniqueness(pidx: PatchIndex, data_root: str, records: list[dict], vdi
 
     def blocks():
         for rec in records:
-            t = _read_shard(data_root, rec, ["patch_id", "embedding"])
-            yield t.column("patch_id").to_numpy().astype(np.int64), _vectors(t)
+            t = read_shard(data_root, rec, ["patch_id", "embedding"])
+            yield t.column("patch_id").to_numpy().astype(np.int64), shard_vectors(t)
 
     table, info = uniqueness_of_index(pidx, blocks())
     write_uniqueness(vdir, table)
@@ -360,7 +274,7 @@ def _fill_tune_publish_inner(data_root, out_root, version, staging, *, plan, tra
     uniq_info = None
     if uniqueness:
         shards = set(manifest_extra.get("_base_shards", [])) | {r["shard"] for r in records}
-        uniq_info = _write_uniqueness(pidx, data_root, [r for r in _records(data_root) if r["shard"] in shards],
+        uniq_info = _write_uniqueness(pidx, data_root, [r for r in committed_records(data_root) if r["shard"] in shards],
                                       staging)
         log_fn(f"uniqueness: {uniq_info['n']} patches, k={uniq_info['k']}, {uniq_info['seconds']:.1f} s")
 
@@ -464,7 +378,7 @@ def build_index(data_root: str, out_root: str, *, kind: str = "auto", memory_bud
     info = dataset_info(data_root, warn=True)
     if info["random_init"]:
         log_fn("WARNING: " + "embeddings were made with RANDOMLY INITIALISED CLIP weights: search results are not semantic")
-    records = _records(data_root)
+    records = committed_records(data_root)
     if not records:
         raise FileNotFoundError(f"no committed patches under {data_root!r}")
     check_unique_patch_ids(data_root, records)

@@ -122,7 +122,7 @@ def encode_part(trained_path: str, data_root: str, records: list[dict], out_dir:
     Returns: {"n", "date_min", "date_max", "store_shards": [...]}.
     Raises: ValueError when a fragment holds fewer rows than its record says (a store inconsistency).
     """
-    from mining.index.build import _read_shard, _vectors
+    from mining.index.source import read_shard, shard_vectors
 
     os.makedirs(out_dir, exist_ok=True)
     index = faiss.read_index(trained_path)
@@ -132,10 +132,10 @@ def encode_part(trained_path: str, data_root: str, records: list[dict], out_dir:
     ids = np.empty(n_total, np.int64)
     metas, at = [], 0
     for rec in records:
-        t = _read_shard(data_root, rec, list(META_COLUMNS) + ["embedding"])
+        t = read_shard(data_root, rec, list(META_COLUMNS) + ["embedding"])
         if at + t.num_rows > n_total:
             raise ValueError(f"store fragment {rec['files']['patches']} has {t.num_rows} rows, its record says {rec['num_patches']}")
-        x = _vectors(t)
+        x = shard_vectors(t)
         pid = t.column("patch_id").to_numpy().astype(np.int64)
         core.add_vectors(index, x, pid)
         vec[at:at + len(x)] = x

@@ -27,7 +27,7 @@ anything on the driver:
   build; self is dropped by id.
 * **Duplicate patch ids across shards** (the same frames committed under two store shards) would make
   the router return a patch twice; the single-index build refuses such a store
-  (:func:`mining.index.build.check_unique_patch_ids`).  Here every shard task also checks its ids
+  (:func:`mining.index.source.check_unique_patch_ids`).  Here every shard task also checks its ids
   against the shards it reads (sorted-array intersection, O(n_A + n_B)), so the pairs (new, all)
   are checked on every publish; a duplicate fails the publish with one line naming the shards.
 """

@@ -26,7 +26,7 @@ with the number of vectors (measured in benchmarks/RESULTS.md).  Tasks run with 
 and ``max_retries=2`` (each task writes only its own directory, so a retry is idempotent).
 
 Shards are **date ranges**: the ledger is sorted by (date, shard) and cut into S contiguous groups of
-about equal counts (``build.group_records``); see :mod:`mining.index.layout` for why.
+about equal counts (``source.group_records``); see :mod:`mining.index.layout` for why.
 
 ``update_sharded`` (nightly, ``update_index`` on a sharded version): the committed fragments that
 no shard holds become ONE new shard (or ceil(n / TARGET_SHARD_VECTORS) shards for a huge night),
@@ -103,10 +103,10 @@ def _fetch_trained(out_root: str, trained_id: str, tmp: str) -> tuple[str, np.nd
 
 def _sample_task(data_root: str, items: list[tuple[dict, np.ndarray]]) -> np.ndarray:
     """Rows ``picks`` of each record: (m, D) float32 normalised."""
-    from mining.index.build import _read_shard, _vectors
+    from mining.index.source import read_shard, shard_vectors
     import pyarrow as pa
 
-    out = [_vectors(_read_shard(data_root, rec, ["embedding"]).take(pa.array(p))) for rec, p in items if len(p)]
+    out = [shard_vectors(read_shard(data_root, rec, ["embedding"]).take(pa.array(p))) for rec, p in items if len(p)]
     return np.concatenate(out) if out else np.zeros((0, int(items[0][0]["embedding_dim"])), np.float32)
 
 
@@ -388,7 +388,8 @@ def build_sharded(data_root: str, out_root: str, *, kind: str = "ivfpq-refine", 
     Raises: ValueError: kind other than ivfpq-refine/auto, shards < 1, dim mismatch with ``trained_id``.
         FileNotFoundError: nothing committed.
     """
-    from mining.index.build import _records, _resolve_ray
+    from mining.index.build import _resolve_ray
+    from mining.index.source import committed_records
     from mining.store import dataset_info
 
     t0 = time.perf_counter()
@@ -400,7 +401,7 @@ def build_sharded(data_root: str, out_root: str, *, kind: str = "ivfpq-refine", 
     if part_max_vectors < 1:
         raise ValueError(f"part_max_vectors must be >= 1, got {part_max_vectors}")
     dataset_info(data_root, warn=True)
-    records = _records(data_root)
+    records = committed_records(data_root)
     if not records:
         raise FileNotFoundError(f"no committed patches under {data_root!r}")
     n = sum(r["num_patches"] for r in records)
@@ -416,7 +417,7 @@ def build_sharded(data_root: str, out_root: str, *, kind: str = "ivfpq-refine", 
                                part_max_vectors=part_max_vectors)
         log_fn(f"trained {tman['id']}: {plan.factory} on {tman['n_train_sample']} vectors in {tman['train_s']:.1f} s")
     s = int(shards) if shards else max(1, math.ceil(n / TARGET_SHARD_VECTORS))
-    from mining.index.build import group_records
+    from mining.index.source import group_records
 
     entries, results = build_shards(data_root, out_root, tman["id"], group_records(records, s), use_ray=use_ray,
                                     recall_target=recall_target, part_max_vectors=part_max_vectors)
@@ -439,7 +440,8 @@ def update_sharded(data_root: str, out_root: str, man: dict, *, growth_factor: f
     ``uniqueness``: update the uniqueness parts incrementally from ``man``'s (old shards are searched in the
     new shards only; :mod:`mining.index.shard_uniqueness`).
     Returns: the new manifest, or ``{**man, "changed": False}`` when nothing is new."""
-    from mining.index.build import DRIFT_SAMPLE, _records, _resolve_ray, group_records, sample_vectors
+    from mining.index.build import DRIFT_SAMPLE, _resolve_ray
+    from mining.index.source import committed_records, group_records, sample_vectors
 
     t0 = time.perf_counter()
     log_fn = print if verbose else (lambda *a: None)
@@ -447,7 +449,7 @@ def update_sharded(data_root: str, out_root: str, man: dict, *, growth_factor: f
     included = set()
     for sm in layout.shard_manifests(out_root, man):
         included |= set(sm["store_shards"])
-    records = _records(data_root)
+    records = committed_records(data_root)
     new = [r for r in records if r["shard"] not in included]
     if not new:
         log_fn(f"index {cur}: no new committed shards")

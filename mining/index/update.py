@@ -16,8 +16,8 @@ import numpy as np
 
 from mining.index import core, publish, sizing
 from mining.index.build import (DRIFT_RATIO, DRIFT_SAMPLE, GROWTH_RETRAIN, QUERIES_FILE, TRUTH_FILE,
-                                _fill_tune_publish, _records, _resolve_ray, build_index, check_unique_patch_ids,
-                                sample_vectors)
+                                _fill_tune_publish, _resolve_ray, build_index)
+from mining.index.source import check_unique_patch_ids, committed_records, sample_vectors
 from mining.index.search import TRAINED_FILE, open_index
 from mining.store import dataset_info
 
@@ -65,7 +65,7 @@ def update_index(data_root: str, out_root: str, *, growth_factor: float = GROWTH
     t0 = time.perf_counter()
     old = open_index(out_root, cur)
     man = old.manifest
-    records = _records(data_root)
+    records = committed_records(data_root)
     included = set(man["shards"])
     new = [r for r in records if r["shard"] not in included]
     if not new:
